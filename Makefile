@@ -1,0 +1,18 @@
+# Each target bootstraps its own in-repo virtualenv (fast when already current).
+PYTEST_ARGS ?=
+
+.PHONY: test test-compat venv venv-compat
+
+venv:
+	@scripts/venv.sh .venv 3.11 constraints/py311.txt
+
+venv-compat:
+	@scripts/venv.sh .venv-compat 3.12 constraints/py312.txt
+
+## make test: the whole suite on Python 3.11, torch 2.13.0, megatron-core 0.16.1
+test: venv
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+## make test-compat: the same suite on Python 3.12, torch 2.14.1, megatron-core 0.19.2
+test-compat: venv-compat
+	.venv-compat/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,126 @@
+"""`LoRAConfig`: the one description of an adapter, shared by the Megatron and FSDP backends.
+
+No Megatron import here: `fsdp_lora` uses this class with megatron-core absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+# The linears LoRA adapts when the user names none. Megatron fuses q/k/v into `linear_qkv`
+# and gate/up into `linear_fc1`; HuggingFace Llama-family models keep them separate.
+MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+A_INITS = ("kaiming", "gaussian")
+
+
+def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
+    """Normalize a module-name list: YAML and CLI hand us lists, or one string
+    separated by commas or spaces."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"LoRAConfig.{field}: every entry must be a non-empty string, got {name!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Hyper-parameters of a LoRA adapter (PEFT's meaning for every field).
+
+    `target_modules=None` means the backend's standard set (`MEGATRON_TARGET_MODULES` or
+    `HF_TARGET_MODULES`); `resolve_targets` fills it in.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] = ()
+    use_rslora: bool = False
+    init: str = "kaiming"
+    only_trainable: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # frozen: normalize through object.__setattr__ before validating.
+        object.__setattr__(self, "target_modules", _names(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules") or ())
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("LoRAConfig.target_modules is empty: name at least one module")
+        both = sorted(set(self.target_modules or ()) & set(self.exclude_modules))
+        if both:
+            raise ValueError(f"LoRAConfig.exclude_modules also names target module(s) {both}")
+        if self.init not in A_INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {A_INITS}, got {self.init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"LoRAConfig.seed must be an int, got {self.seed!r}")
+        for flag in ("use_rslora", "only_trainable"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRAConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    @property
+    def scaling(self) -> float:
+        """Multiplier of `B @ A`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def resolve_targets(self, default: tuple[str, ...]) -> LoRAConfig:
+        """This config with `target_modules` filled in from a backend's default."""
+        if self.target_modules is not None:
+            return self
+        return dataclasses.replace(self, target_modules=default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; `from_dict` inverts it."""
+        out = dataclasses.asdict(self)
+        out["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        out["exclude_modules"] = list(self.exclude_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_args(cls, args: Any) -> LoRAConfig:
+        """Read the `--lora-*` flags (see `add_lora_arguments`) from an argparse namespace, or
+        the same names set by a YAML file (slime's `--custom-config-path`). Absent names keep
+        their defaults. `--lora-seed` falls back to Megatron's `--seed`."""
+        default = cls()
+        seed = getattr(args, "lora_seed", None)
+        if seed is None:
+            seed = getattr(args, "seed", default.seed)
+        return cls(
+            r=getattr(args, "lora_r", default.r),
+            alpha=getattr(args, "lora_alpha", default.alpha),
+            dropout=getattr(args, "lora_dropout", default.dropout),
+            target_modules=getattr(args, "lora_target_modules", default.target_modules),
+            exclude_modules=getattr(args, "lora_exclude_modules", None) or (),
+            use_rslora=getattr(args, "lora_rslora", default.use_rslora),
+            init=getattr(args, "lora_init", default.init),
+            only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
+            seed=seed,
+        )

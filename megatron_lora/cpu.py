@@ -1,0 +1,135 @@
+"""Run megatron-core's forward and backward on CPU (gloo), for tests, the demo and benchmarks.
+
+megatron-core assumes CUDA in three places that a CPU run meets:
+
+- buffers and collective outputs are allocated with `device=torch.cuda.current_device()`
+  (the global memory buffer, the sequence-parallel all-gather / reduce-scatter in
+  `tensor_parallel/mappings.py`, the linears' sequence-parallel paths);
+- the RNG tracker keeps CUDA generator states (`torch.cuda.get_rng_state`), used by dropout
+  inside tensor-parallel regions;
+- activation recomputation saves and restores the CUDA RNG state;
+- the default causal attention mask is built with `device="cuda"`;
+- without apex, the local spec's norm (`WrappedTorchNorm`, plain torch) refuses sequence
+  parallelism, because it does not mark its weights `sequence_parallel` as apex's and TE's
+  norms do. The CPU runtime builds the same torch norm and marks them.
+
+`enable()` redirects each of them to the CPU. Nothing happens at import, and nothing happens
+when CUDA is available, so calling it unconditionally from a script is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_ENABLED = False
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _get_cpu_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sequence_parallel_torch_norm(original_new):
+    def __new__(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, *args, **kwargs)
+        # Under SP each rank normalizes its own sequence shard, so the weight grads are
+        # partial sums: the `sequence_parallel` mark makes Megatron's grad finalization
+        # all-reduce them over the TP group.
+        view = types.SimpleNamespace(**{**vars(config), "sequence_parallel": False})
+        norm = original_new(cls, view, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return __new__
+
+
+def _cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's RNG tracker with CPU generator states.
+
+        Same contract as the CUDA tracker: named states seeded once (`add`), and `fork(name)`
+        runs a block on that state and stores where it ended, so the tensor-parallel state
+        ("model-parallel-rng", seeded per TP rank) gives each rank its own dropout mask and
+        the default state gives every rank of a TP group the same one.
+        """
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_name = self._current_state_name
+            outer_state = torch.get_rng_state()
+            if outer_name != "default-rng":  # a nested fork: park the outer state's progress
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CPURNGStatesTracker
+
+
+def enable() -> None:
+    """Make megatron-core usable on CPU. Idempotent; a no-op when CUDA is available.
+
+    Call before building a model. Weights should be built with
+    `TransformerConfig(use_cpu_initialization=True)`, which also makes the full base weights
+    independent of the tensor-parallel size.
+    """
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    # Every CUDA allocation in megatron-core names its device through this one call.
+    torch.cuda.current_device = _cpu_device
+    mrandom.CudaRNGStatesTracker = _cpu_tracker_class()
+    mrandom._get_cuda_rng_state = _get_cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+    mrandom.initialize_rng_tracker(force_reset=True)
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+    WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)
+    _ENABLED = True
+
+
+def is_enabled() -> bool:
+    return _ENABLED

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create or refresh an in-repo virtualenv from pinned constraints; a no-op when it is current.
+#   scripts/venv.sh VENV_DIR PYTHON_VERSION CONSTRAINTS_FILE
+set -euo pipefail
+venv=$1 pyver=$2 constraints=$3
+cd "$(dirname "$0")/.."
+
+# The venv is current when it was built from these exact constraints and this pyproject.
+want=$(cat "$constraints" pyproject.toml | sha256sum | cut -c1-16)
+if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$want" ]; then
+    exit 0
+fi
+
+find_python() {
+    if command -v "python$1" >/dev/null 2>&1 && "python$1" -c '' 2>/dev/null; then
+        command -v "python$1"; return
+    fi
+    # pyenv installs other versions without putting them on PATH.
+    for py in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$1".*/bin/"python$1"; do
+        [ -x "$py" ] && { echo "$py"; return; }
+    done
+    echo "error: no python$1 found (needed for $venv); install it or put it on PATH" >&2
+    exit 1
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv with Python $pyver"
+    "$(find_python "$pyver")" -m venv "$venv"
+fi
+echo "installing into $venv from $constraints"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -c "$constraints" -e ".[megatron,test]"
+echo "$want" > "$venv/.installed"

@@ -1,0 +1,98 @@
+"""megatron-core on CPU: TP=2 (with and without SP) computes what TP=1 computes; the launcher
+reports a failing rank's traceback and never hangs."""
+
+import time
+
+import pytest
+import torch
+
+import tiny_gpt
+from megatron_lora.launch import RankError, initialize_model_parallel, run_on_ranks
+
+
+def loss_and_grad_norms():
+    """Loss and the global grad norm of a tiny GPT at TP=2, TP=2+SP, and TP=1."""
+    from megatron.core import parallel_state
+
+    out = {}
+    for tp, sp in [(2, False), (2, True), (1, False)]:
+        initialize_model_parallel(tp=tp)
+        model = tiny_gpt.build_gpt(sequence_parallel=sp)
+        loss = tiny_gpt.loss(model)
+        loss.backward()
+        # Grad norm over the full (unsharded) model: sum of squares of the split params over
+        # the TP group; replicated params counted once. SP-marked replicated params (norms)
+        # hold partial grads that Megatron all-reduces.
+        split, replicated = torch.zeros(()), torch.zeros(())
+        group = parallel_state.get_tensor_model_parallel_group()
+        for param in model.parameters():
+            grad = param.grad
+            if getattr(param, "sequence_parallel", False):
+                grad = grad.clone()
+                torch.distributed.all_reduce(grad, group=group)
+            if getattr(param, "tensor_model_parallel", False):
+                split += grad.pow(2).sum()
+            else:
+                replicated += grad.pow(2).sum()
+        torch.distributed.all_reduce(split, group=group)
+        out[(tp, sp)] = (loss.item(), (split + replicated).sqrt().item())
+    return out
+
+
+def test_gpt_same_loss_and_grads_at_tp1_tp2_and_sp():
+    ranks = run_on_ranks(loss_and_grad_norms, world_size=2)
+    assert ranks[0] == ranks[1]
+    reference = ranks[0][(1, False)]
+    for layout, (loss, grad_norm) in ranks[0].items():
+        assert loss == pytest.approx(reference[0], rel=1e-6), layout
+        assert grad_norm == pytest.approx(reference[1], rel=1e-5), layout
+
+
+def rng_streams():
+    """Draws under Megatron's RNG tracker: the TP-region stream differs per TP rank, the
+    default stream agrees within the TP group."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():
+        tp_region = torch.rand(4)
+        with get_cuda_rng_tracker().fork("data-parallel-rng"):
+            nested = torch.rand(4)
+        tp_region_after_nested = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        tp_region_again = torch.rand(4)
+    return tp_region, nested, tp_region_after_nested, tp_region_again, torch.rand(4)
+
+
+def test_rng_tracker_forks_named_cpu_states():
+    rank0, rank1 = run_on_ranks(rng_streams, world_size=2, tp=2)
+    tp_region, nested, after_nested, again, default = range(5)
+    assert not torch.equal(rank0[tp_region], rank1[tp_region])  # per-TP-rank dropout
+    assert torch.equal(rank0[nested], rank1[nested])
+    assert torch.equal(rank0[default], rank1[default])
+    # A fork continues its stream where it stopped, nested forks included.
+    assert not torch.equal(rank0[tp_region], rank0[again])
+    assert not torch.equal(rank0[after_nested], rank0[again])
+
+
+def fail_on_rank_one():
+    if torch.distributed.get_rank() == 1:
+        raise ValueError("rank one is broken on purpose")
+    torch.distributed.barrier()  # rank 0 would wait here forever without the launcher
+
+
+def test_a_failing_rank_fails_the_run_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RankError, match=r"(?s)rank 1 of 2 failed.*ValueError: rank one is broken"):
+        run_on_ranks(fail_on_rank_one, world_size=2, timeout=60)
+    assert time.monotonic() - start < 60
+
+
+def sleep_forever():
+    time.sleep(3600)
+
+
+def test_a_hanging_run_times_out():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"did not finish within 10s"):
+        run_on_ranks(sleep_forever, world_size=2, timeout=10)
+    assert time.monotonic() - start < 30
