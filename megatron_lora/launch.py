@@ -2,7 +2,9 @@
 
     results = run_on_ranks(fn, world_size=2, tp=2, args=(cfg,))
 
-`fn` must be importable by name (a module-level function). Each rank initializes a gloo
+`fn` must be importable by name (a module-level function). Each rank runs `setup()` first if
+given (before anything imports megatron: e.g. to put an emulated Transformer Engine on the
+path, which megatron-core detects at import), initializes a gloo
 process group on a free local port, calls `megatron_lora.cpu.enable()`, initializes
 Megatron's parallel state with the given sizes, seeds Megatron's RNG, and calls `fn(*args)`.
 The per-rank return values come back as a list indexed by rank (they travel through
@@ -61,11 +63,13 @@ def _serialize(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _rank_main(rank, world_size, port, parallel, fn, args, kwargs, results, timeout):
+def _rank_main(rank, world_size, port, parallel, setup, fn, args, kwargs, results, timeout):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
+        if setup is not None:
+            setup()
         torch.distributed.init_process_group(
             "gloo", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
@@ -96,6 +100,7 @@ def run_on_ranks(
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
     timeout: float = 300.0,
+    setup: Callable[[], None] | None = None,
     **parallel_sizes: Any,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return each rank's result.
@@ -110,7 +115,7 @@ def run_on_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, parallel, fn, tuple(args), kwargs or {}, results, timeout),
+            args=(rank, world_size, port, parallel, setup, fn, tuple(args), kwargs or {}, results, timeout),
             daemon=True,
         )
         for rank in range(world_size)
