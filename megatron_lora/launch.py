@@ -1,41 +1,22 @@
-"""Run a function on N ranks in spawned processes, with Megatron's model-parallel state set up.
+"""`run_on_ranks` with Megatron's model-parallel state set up on every rank (CPU or GPU).
 
     results = run_on_ranks(fn, world_size=2, tp=2, args=(cfg,))
 
-`fn` must be importable by name (a module-level function). Each rank runs `setup()` first if
-given (before anything imports megatron: e.g. to put an emulated Transformer Engine on the
-path, which megatron-core detects at import), initializes a gloo
-process group on a free local port, calls `megatron_lora.cpu.enable()`, initializes
-Megatron's parallel state with the given sizes, seeds Megatron's RNG, and calls `fn(*args)`.
-The per-rank return values come back as a list indexed by rank (they travel through
-`torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
-`RankError` carries that rank's traceback; if the ranks do not finish within `timeout`
-seconds they are killed and `TimeoutError` is raised, so a test run never hangs.
+On each rank, after the gloo group exists: `megatron_lora.cpu.enable()` (a no-op with CUDA),
+`initialize_model_parallel(tp, pp, ...)`, Megatron's RNG seeded, then `fn(*args, **kwargs)`.
+Pass `setup` for what must happen before megatron is imported (megatron-core detects Transformer
+Engine at import); note that the module defining `fn` is imported first, to unpickle `fn`.
 """
 
 from __future__ import annotations
 
-import datetime
-import io
-import multiprocessing
-import os
-import queue
-import socket
-import time
-import traceback
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
 
-
-class RankError(RuntimeError):
-    """A rank raised; the message holds its traceback."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from lora_common import launch
+from lora_common.launch import RankError  # noqa: F401 - re-exported for callers
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **sizes: Any) -> None:
@@ -57,37 +38,14 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **size
     model_parallel_cuda_manual_seed(seed)
 
 
-def _serialize(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
+def _with_model_parallel(parallel, fn, *args, **kwargs):
+    from megatron.core import parallel_state
 
-
-def _rank_main(rank, world_size, port, parallel, setup, fn, args, kwargs, results, timeout):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    initialize_model_parallel(**parallel)
     try:
-        if setup is not None:
-            setup()
-        torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
-        initialize_model_parallel(**parallel)
-        value = fn(*args, **kwargs)
-        results.put((rank, True, _serialize(value)))
-    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
-        results.put((rank, False, traceback.format_exc()))
+        return fn(*args, **kwargs)
     finally:
-        try:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001 - teardown of a failed rank must not mask its error
-            pass
+        parallel_state.destroy_model_parallel()
 
 
 def run_on_ranks(
@@ -103,51 +61,12 @@ def run_on_ranks(
     setup: Callable[[], None] | None = None,
     **parallel_sizes: Any,
 ) -> list[Any]:
-    """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return each rank's result.
+    """Run `fn` on `world_size` ranks with Megatron parallel state; return each rank's result.
 
     `parallel_sizes` go to `initialize_model_parallel` (e.g. `context_parallel_size`,
     `virtual_pipeline_model_parallel_size`).
     """
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
     parallel = dict(tp=tp, pp=pp, seed=seed, **parallel_sizes)
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=(rank, world_size, port, parallel, setup, fn, tuple(args), kwargs or {}, results, timeout),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    outputs: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(outputs) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"{fn.__qualname__}: ranks {sorted(set(range(world_size)) - set(outputs))} "
-                    f"did not finish within {timeout:.0f}s"
-                )
-            try:
-                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in outputs and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} "
-                                    f"before reporting a result")
-                continue
-            if not ok:
-                raise RankError(f"rank {rank} of {world_size} failed:\n{payload}")
-            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10 if len(outputs) == world_size else 0.1)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [outputs[rank] for rank in range(world_size)]
+    wrapped = functools.update_wrapper(functools.partial(_with_model_parallel, parallel, fn), fn)
+    return launch.run_on_ranks(wrapped, world_size, args=args, kwargs=kwargs,
+                               timeout=timeout, setup=setup)

@@ -1,0 +1,114 @@
+"""Run a function on N ranks in spawned processes joined in a gloo process group.
+
+    results = run_on_ranks(fn, world_size=2, args=(cfg,))
+
+`fn` must be importable by name (a module-level function). Each rank runs `setup()` first if
+given (before the process group exists), joins a gloo process group on a free local port, and
+calls `fn(*args, **kwargs)`; `megatron_lora.launch.run_on_ranks` adds Megatron's parallel
+state on top. The per-rank return values come back as a list indexed by rank (they travel
+through `torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
+`RankError` carries that rank's traceback; if the ranks do not finish within `timeout`
+seconds they are killed and `TimeoutError` is raised, so a test run never hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+class RankError(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serialize(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _rank_main(rank, world_size, port, setup, fn, args, kwargs, results, timeout):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        if setup is not None:
+            setup()
+        torch.distributed.init_process_group(
+            "gloo", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        results.put((rank, True, _serialize(fn(*args, **kwargs))))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = 300.0,
+    setup: Callable[[], None] | None = None,
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `world_size` spawned gloo ranks; return each rank's result."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, setup, fn, tuple(args), kwargs or {}, results, timeout),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outputs))
+                raise TimeoutError(f"{fn.__qualname__}: ranks {missing} did not finish "
+                                   f"within {timeout:.0f}s")
+            try:
+                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if r not in outputs and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RankError(f"rank {dead[0]} died with exit code "
+                                    f"{procs[dead[0]].exitcode} before reporting a result")
+                continue
+            if not ok:
+                raise RankError(f"rank {rank} of {world_size} failed:\n{payload}")
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10 if len(outputs) == world_size else 0.1)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return [outputs[rank] for rank in range(world_size)]
