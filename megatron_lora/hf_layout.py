@@ -93,7 +93,7 @@ class Geometry:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type == "bool":
+            if field.type in (bool, "bool"):
                 if not isinstance(value, bool):
                     raise ValueError(f"Geometry.{field.name} must be a bool, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -360,7 +360,7 @@ _LAYER_PARAM = re.compile(_MEGATRON_PREFIX + r"decoder\.layers\.(\d+)\.(.+)$")
 
 
 def hf_param(megatron_name: str) -> ParamMapping:
-    """The HF source of a Megatron GPT base parameter (local or TE spec names)."""
+    """The HF source of a Megatron GPT base parameter (local or TE spec names; not LoRA's)."""
     name = re.sub(_MEGATRON_PREFIX, "", megatron_name)
     if name in _GLOBAL:
         return ParamMapping((_GLOBAL[name],))

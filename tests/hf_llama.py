@@ -162,7 +162,8 @@ def build_gpt(config, spec=None, **config_overrides):
 
 def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
     """Copy an HF state dict into this rank's shards of a Megatron GPTModel (local or TE spec
-    names). Every Megatron parameter must be found and every HF tensor used."""
+    names). Every Megatron base parameter must be found and every HF tensor used; LoRA
+    parameters (`lora_` in the name) are not base weights and are left as they are."""
     from megatron.core import parallel_state
 
     geometry = hf_layout.Geometry.from_megatron(model.config)
@@ -171,6 +172,8 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
     used = set()
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if ".lora_" in name:
+                continue
             mapping = hf_layout.hf_param(name)
             missing = [n for n in mapping.hf_names if n not in hf_state]
             if missing:

@@ -202,7 +202,7 @@ def naive_qkv_logits(hf_model, input_ids):
 def conversions_at_every_layout():
     """On each of 2 ranks, for TP=2, TP=2+SP and TP=1 (2 data-parallel replicas): per variant,
     HF and converted-Megatron logits and layer-0 q/k/v; plus the checks that need a model."""
-    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     out = {"logits": {}, "qkv": {}}
     input_ids = hf_llama.tokens()
@@ -220,10 +220,16 @@ def conversions_at_every_layout():
     gpt = hf_llama.gpt_from_hf(llama)  # TP=1 from here on
     out["naive_qkv"] = (hf_llama.hf_logits(llama, input_ids), naive_qkv_logits(llama, input_ids))
     out["geometry"] = (Geometry.from_megatron(gpt.config), Geometry.from_hf(llama.config))
-    modules = dict(gpt.named_modules())
-    out["megatron_targets_exist"] = all(
-        hf_layout.megatron_module_name(layer, target) in modules
-        for layer in range(2) for target in MEGATRON_TARGET_MODULES)
+    out["megatron_decoder_linears"] = {
+        name for name, module in gpt.named_modules()
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name.startswith("decoder.")}
+    # A LoRA parameter beside the base weights is left alone.
+    qkv = gpt.decoder.layers[0].self_attention.linear_qkv
+    qkv.lora_A = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(qkv.lora_A.weight, 3.0)
+    hf_llama.load_hf_state(gpt, llama.state_dict())
+    out["lora_param_after_load"] = qkv.lora_A.weight.item()
+    del qkv.lora_A
     errors = []
     for bad_state in ({**llama.state_dict(), "model.extra.weight": torch.zeros(1)},
                       {k: v for k, v in llama.state_dict().items() if "up_proj" not in k}):
@@ -237,8 +243,7 @@ def conversions_at_every_layout():
 
 @pytest.fixture(scope="module")
 def conversions():
-    ranks = run_on_ranks(conversions_at_every_layout, world_size=2, timeout=300)
-    return ranks
+    return run_on_ranks(conversions_at_every_layout, world_size=2, timeout=300)
 
 
 @pytest.mark.parametrize("model_type", list(hf_llama.VARIANTS))
@@ -268,10 +273,14 @@ def test_plain_qkv_concatenation_would_be_wrong(conversions):
 def test_geometry_and_module_names_agree_with_the_built_gpt(conversions):
     from_megatron, from_hf = conversions[0]["geometry"]
     assert from_megatron == from_hf
-    assert conversions[0]["megatron_targets_exist"]
+    # The four targets name exactly the linears of Megatron's decoder layers.
+    assert conversions[0]["megatron_decoder_linears"] == {
+        hf_layout.megatron_module_name(layer, target)
+        for layer in range(2) for target in MEGATRON_TARGET_MODULES}
 
 
 def test_loading_uses_every_hf_tensor_and_fills_every_parameter(conversions):
+    assert conversions[0]["lora_param_after_load"] == 3.0
     extra, missing = conversions[0]["load_errors"]
     assert "HF tensors with no Megatron parameter: ['model.extra.weight']" in extra
     assert "lacks ['model.layers.0.mlp.up_proj.weight'] for Megatron parameter " \
