@@ -183,3 +183,12 @@ def test_posthoc_route_bad_input_idempotence_exclusion_and_moe():
     assert out["moe_layers"] == ["LoRATransformerLayer"] * 2
     assert out["moe_b0"]
     assert out["moe_expert_adapters"] == 2 * 4 * 2 * 2  # layers x experts x (fc1, fc2) x (A, B)
+
+
+def test_spec_flag_imports_the_entry_point():
+    # Megatron and slime resolve `--spec MODULE NAME` with vars(module)[NAME].
+    from megatron.core.transformer.spec_utils import import_module
+
+    from megatron_lora import get_gpt_lora_spec
+
+    assert import_module(("megatron_lora", "get_gpt_lora_spec")) is get_gpt_lora_spec
