@@ -78,7 +78,9 @@ def run_on_ranks(
         ctx.Process(
             target=_rank_main,
             args=(rank, world_size, port, setup, fn, tuple(args), kwargs or {}, results, timeout),
-            daemon=True,
+            # Not daemonic: ranks may start processes of their own (Megatron's dist
+            # checkpointing does); the `finally` below kills any rank left running.
+            daemon=False,
         )
         for rank in range(world_size)
     ]

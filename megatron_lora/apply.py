@@ -13,7 +13,13 @@ from typing import Any, Iterable
 import torch
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
-from megatron_lora.lora_layer import freeze_base_parameters, place_adapter, place_lora
+from megatron_lora.lora_layer import (
+    freeze_base_parameters,
+    model_chunks,
+    place_adapter,
+    place_lora,
+    transformer_layers,
+)
 from megatron_lora.lora_linear import LoRAMatrix, is_lora_linear, lora_linear_class, supports_lora
 
 
@@ -23,28 +29,13 @@ def as_lora_config(args_or_config: LoRAConfig | argparse.Namespace | Any) -> LoR
     return LoRAConfig.from_args(args_or_config)
 
 
-def _chunks(model) -> list[torch.nn.Module]:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
-def _outermost_layers(chunk: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules with an int `layer_number` and no such ancestor: the transformer layers
-    (attention modules inside them carry `layer_number` too)."""
-    layers: dict[str, torch.nn.Module] = {}
-    for name, module in chunk.named_modules():
-        if isinstance(getattr(module, "layer_number", None), int) and not any(
-                name.startswith(outer + ".") for outer in layers):
-            layers[name] = module
-    return layers
-
-
 def apply_lora_to_megatron_model(model, args_or_config) -> Any:
     """Add LoRA to a built Megatron model (one module, or a list of virtual-pipeline chunks)
     in place and return it. Apply before wrapping in DDP: the new parameters must exist when
     DDP allocates its grad buffers. Freezes every non-LoRA parameter when `only_trainable`.
     Applying the same config twice is a no-op; another config raises."""
     config = as_lora_config(args_or_config).resolve_targets(MEGATRON_TARGET_MODULES)
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     _check_not_wrapped(chunks)
     targets = set(config.target_modules)
     # Validate everything before touching anything.
@@ -75,7 +66,7 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
         module.__class__ = lora_linear_class(type(module), config)
         module.add_lora()
     for chunk in chunks:
-        layers = _outermost_layers(chunk)
+        layers = transformer_layers(chunk)
         for layer in layers.values():
             place_lora(layer, config)
         for name, module in list(chunk.named_modules()):
@@ -96,7 +87,7 @@ def _check_not_wrapped(chunks: Iterable[torch.nn.Module]) -> None:
 def get_lora_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The adapter parameters (`...lora_A.weight`, `...lora_B.weight`) by name."""
     params = {}
-    for index, chunk in enumerate(_chunks(model)):
+    for index, chunk in enumerate(model_chunks(model)):
         prefix = f"{index}." if isinstance(model, (list, tuple)) else ""
         for name, module in chunk.named_modules():
             if isinstance(module, LoRAMatrix):
@@ -106,7 +97,7 @@ def get_lora_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def mark_only_lora_as_trainable(model) -> None:
     """Freeze every parameter but the adapters' (which are made trainable)."""
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         freeze_base_parameters(chunk)
 
 

@@ -12,8 +12,9 @@ megatron-core assumes CUDA in three places that a CPU run meets:
 - without apex, the local spec's norm (`WrappedTorchNorm`, plain torch) refuses sequence
   parallelism, because it does not mark its weights `sequence_parallel` as apex's and TE's
   norms do. The CPU runtime builds the same torch norm and marks them;
-- megatron-core 0.19's DDP waits on `torch.cuda.current_stream()` before reducing grads; CPU
-  work is synchronous, so a stream whose waits do nothing is exact;
+- megatron-core 0.19's DDP waits on `torch.cuda.current_stream()` before reducing grads, and
+  dist checkpointing calls `torch.cuda.synchronize()`; CPU work is synchronous, so a stream
+  whose waits do nothing, and a synchronize that does nothing, are exact;
 - megatron-core 0.16's MoE router reads `te_general_gemm`, a name it defines only when
   Transformer Engine imports.
 
@@ -54,6 +55,10 @@ _SYNCHRONOUS_STREAM = _SynchronousStream()
 
 def _current_stream(*args, **kwargs) -> _SynchronousStream:
     return _SYNCHRONOUS_STREAM
+
+
+def _synchronize(*args, **kwargs) -> None:
+    pass
 
 
 def _get_cpu_rng_state(*args, **kwargs) -> torch.Tensor:
@@ -146,6 +151,7 @@ def enable() -> None:
     # Every CUDA allocation in megatron-core names its device through this one call.
     torch.cuda.current_device = _cpu_device
     torch.cuda.current_stream = _current_stream
+    torch.cuda.synchronize = _synchronize
     mrandom.CudaRNGStatesTracker = _cpu_tracker_class()
     mrandom._get_cuda_rng_state = _get_cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state

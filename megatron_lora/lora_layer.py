@@ -51,6 +51,37 @@ def place_adapter(module, config: LoRAConfig, layer_number: int | None, name: st
         module.reset_lora_parameters(layer_number, name)
 
 
+def model_chunks(model) -> list[torch.nn.Module]:
+    """A model, or a list of virtual-pipeline chunks, as a list of chunks."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def transformer_layers(chunk: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The built transformer layers of a model chunk by path: modules with an int
+    `layer_number` and no such ancestor (attention modules inside a layer carry one too)."""
+    layers: dict[str, torch.nn.Module] = {}
+    for name, module in chunk.named_modules():
+        if isinstance(getattr(module, "layer_number", None), int) and not any(
+                name.startswith(outer + ".") for outer in layers):
+            layers[name] = module
+    return layers
+
+
+def canonical_lora_modules(chunk: torch.nn.Module):
+    """`(qualified name, module)` for each LoRA linear of the chunk, named by its place in the
+    unsplit model (`decoder.layers.<global index>.<name in layer>`), whatever the pipeline or
+    virtual-pipeline split: the names an adapter checkpoint uses."""
+    layers = transformer_layers(chunk)
+    for path, module in chunk.named_modules():
+        if not is_lora_linear(module):
+            continue
+        layer_path = next((p for p in layers if path.startswith(p + ".")), None)
+        if layer_path is None:
+            yield path, module
+        else:
+            yield qualified_name(layers[layer_path].layer_number, path[len(layer_path) + 1:]), module
+
+
 def freeze_base_parameters(module: torch.nn.Module) -> None:
     """`requires_grad=False` on every parameter that is not an adapter matrix's. A frozen
     base weight is where LoRA's speed comes from: Megatron's linears then skip the

@@ -139,6 +139,68 @@ class LoRAParallelLinear:
     def lora_active(self) -> bool:
         return not self.lora_merged and not self.lora_disabled
 
+    # ----- merging (litgpt-style: next to the layer it merges) ----------------------------
+
+    def lora_delta(self) -> torch.Tensor:
+        """`scaling * B @ A` for this rank's shard of the weight, in fp32. The sharding rule
+        makes it local: column ranks hold B's rows of their output slice and all of A; row
+        ranks hold all of B and A's columns of their input slice."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.lora_scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of `W + scaling * B @ A` (a new tensor in W's dtype; W untouched)."""
+        return (self.merge_source().float() + self.lora_delta()).to(self.weight.dtype)
+
+    def merge_source(self) -> torch.Tensor:
+        """The high-precision base weight the merge starts from."""
+        return self.weight.detach()
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """W += scaling * B @ A in place (fp32 arithmetic, one cast); the branch is then skipped."""
+        if self.lora_merged:
+            raise RuntimeError(f"{type(self).__name__}: LoRA is already merged")
+        self.weight.copy_(self.merged_weight())
+        self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        """W -= scaling * B @ A in place: the base weight back, up to the rounding of W's dtype."""
+        if not self.lora_merged:
+            raise RuntimeError(f"{type(self).__name__}: LoRA is not merged")
+        self.weight.copy_((self.weight.float() - self.lora_delta()).to(self.weight.dtype))
+        self.lora_merged = False
+
+    # ----- dist checkpointing -------------------------------------------------------------
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base class's sharded state dict, with the adapters described by their own split:
+        the base maps only `weight`/`bias` and would save the split matrix as if replicated,
+        keeping one rank's shard and silently dropping the others."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = metadata or {}
+        dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True)
+        adapters = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        split = "lora_B.weight" if self.lora_family == COLUMN else "lora_A.weight"
+        split_dim = 0 if self.lora_family == COLUMN else 1
+        adapter_state = make_sharded_tensors_for_checkpoint(
+            adapters, prefix, {split: split_dim}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=dp_cp_group)
+        if getattr(self.lora_B.weight, "partition_stride", 1) == 2:
+            # SwiGLU fc1: each rank holds [gate_i; up_i]; Megatron's factory saves the two
+            # halves as separate global tensors, as MLP does for fc1's weight.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}lora_B.weight"
+            adapter_state[key] = apply_swiglu_sharded_factory(
+                adapter_state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
+        state.update(adapter_state)
+        return state
+
     # ----- forward pieces ---------------------------------------------------------------
 
     def _lora_dropout(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:

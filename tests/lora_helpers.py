@@ -19,11 +19,19 @@ def tp_group():
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The unsharded value of a (possibly TP-split) parameter, on every rank."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_group().size() == 1:
-        return param.detach().clone()
-    shards = [torch.empty_like(param) for _ in range(tp_group().size())]
-    torch.distributed.all_gather(shards, param.detach().contiguous(), group=tp_group())
-    return sharding.unshard(shards, param.partition_dim, param.partition_stride)
+    return sharding.full_tensor(param, tp_group())
+
+
+def full_tensor_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The unsharded value of `value`, a tensor laid out like the parameter `param`."""
+    return sharding.full_tensor(_with_layout(value, param), tp_group())
+
+
+def _with_layout(value, param):
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(param, attr):
+            setattr(value, attr, getattr(param, attr))
+    return value
 
 
 def full_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
