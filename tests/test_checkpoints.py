@@ -195,7 +195,7 @@ KILLED_SAVE = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {tests!r})
     import torch
-    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
     from megatron_lora.launch import initialize_model_parallel
     initialize_model_parallel(tp=1)
     import lora_helpers, test_checkpoints
@@ -217,13 +217,13 @@ def save_first(path):
 
 
 def test_a_save_killed_mid_write_leaves_the_old_checkpoint(tmp_path):
-    from lora_common.launch import free_port
     from megatron_lora import read_lora_checkpoint
 
     path = tmp_path / "adapter.safetensors"
     run_on_ranks(save_first, world_size=1, args=(str(path),))
     old_bytes = path.read_bytes()
-    script = KILLED_SAVE.format(tests=os.path.dirname(__file__), port=free_port(), path=str(path))
+    script = KILLED_SAVE.format(tests=os.path.dirname(__file__), store=tmp_path / "store",
+                                path=str(path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
