@@ -58,7 +58,8 @@ def _set_bias(modules, full_bias, dim_split):
 
 
 def column_linear(config):
-    """TEColumnParallelLinear vs ColumnParallelLinear, bias fused into the output."""
+    """TEColumnParallelLinear vs ColumnParallelLinear, bias fused into the output, in the
+    config's params dtype."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -69,12 +70,13 @@ def column_linear(config):
     torch.manual_seed(7)
     local = ColumnParallelLinear(HIDDEN, OUT, **kwargs)
     _set_bias((te, local), _data(OUT, seed=1), dim_split=True)
-    x_full = _data(SEQ, BATCH, HIDDEN, seed=2)
+    dtype = config.params_dtype
+    x_full = _data(SEQ, BATCH, HIDDEN, seed=2).to(dtype)
     out = {}
     for name, module in (("te", te), ("local", local)):
         x = _leaf(_seq_shard(x_full, config.sequence_parallel))
         y, bias = module(x)
-        (y * _data(*y.shape, seed=3)).sum().backward()
+        (y * _data(*y.shape, seed=3).to(dtype)).sum().backward()
         out[name] = dict(out=y, returned_bias=bias, dx=x.grad, dweight=module.weight.grad,
                          dbias=module.bias.grad, weight=module.weight,
                          weight_attributes=_attributes(module.weight),
@@ -108,6 +110,43 @@ def row_linear(config):
     return {k: (out["te"][k], out["local"][k]) for k in out["te"]}
 
 
+def column_wgrad_shortcuts(config, fused_config):
+    """TE's two weight-grad shortcuts next to ColumnParallelLinear's plain wgrad: a frozen
+    weight (no wgrad at all, as for LoRA's base) and fuse_wgrad_accumulation (wgrad added to
+    `main_grad`, a placeholder returned as the grad since megatron's DDP marks
+    `grad_added_to_main_grad`)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    modules = {}
+    for name, cls, cfg in (("frozen", TEColumnParallelLinear, config),
+                           ("fused", TEColumnParallelLinear, fused_config),
+                           ("local", ColumnParallelLinear, config),
+                           ("local_frozen", ColumnParallelLinear, config)):
+        torch.manual_seed(7)
+        extra = {"is_expert": False} if cls is TEColumnParallelLinear else {}
+        modules[name] = cls(HIDDEN, OUT, config=cfg, init_method=cfg.init_method,
+                            gather_output=False, bias=False, skip_bias_add=False, **extra)
+    for name in ("frozen", "local_frozen"):
+        modules[name].weight.requires_grad_(False)
+    fused = modules["fused"].weight
+    fused.main_grad = torch.full_like(fused, 0.5)  # accumulates onto what is there
+    fused.grad_added_to_main_grad = False
+    x_full = _data(SEQ, BATCH, HIDDEN, seed=2)
+    dx = {}
+    for name, module in modules.items():
+        x = _leaf(_seq_shard(x_full, config.sequence_parallel))
+        y, _ = module(x)
+        (y * _data(*y.shape, seed=3)).sum().backward()
+        dx[name] = x.grad
+    local_dweight = modules["local"].weight.grad
+    return dict(frozen_dx=(dx["frozen"], dx["local_frozen"]),
+                frozen_grad_is_none=modules["frozen"].weight.grad is None,
+                fused_dx=(dx["fused"], dx["local"]),
+                fused_main_grad=(fused.main_grad, local_dweight + 0.5),
+                fused_marked=fused.grad_added_to_main_grad)
+
+
 class NormThenColumn(torch.nn.Module):
     """The local layers' equivalent of TELayerNormColumnParallelLinear: norm, then column linear."""
 
@@ -126,17 +165,24 @@ class NormThenColumn(torch.nn.Module):
         return self.linear(normed)[0], normed
 
 
-def _build_layernorm_column(config):
+def _build_te_layernorm_column(config):
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
 
     torch.manual_seed(9)
     te = TELayerNormColumnParallelLinear(HIDDEN, OUT, config=config,
                                          init_method=config.init_method, gather_output=False,
                                          bias=True, skip_bias_add=False, is_expert=False)
+    _set_bias((te,), _data(OUT, seed=10), dim_split=True)
+    return te
+
+
+def _build_layernorm_column(config):
+    """Both modules, with the same weights and non-trivial norm parameters."""
+    te = _build_te_layernorm_column(config)
     torch.manual_seed(9)
     local = NormThenColumn(config)
-    _set_bias((te, local.linear), _data(OUT, seed=10), dim_split=True)
-    with torch.no_grad():  # non-trivial norm parameters, the same on both
+    _set_bias((local.linear,), _data(OUT, seed=10), dim_split=True)
+    with torch.no_grad():
         gamma = 1 + 0.1 * _data(HIDDEN, seed=11)
         te.layer_norm_weight.copy_(gamma)
         local.norm.weight.copy_(gamma)
@@ -151,6 +197,26 @@ def _norm_grads(te, local):
     if te.layer_norm_bias is not None:
         grads["dbeta"] = (te.layer_norm_bias.grad, local.norm.bias.grad)
     return grads
+
+
+def zero_centered_gamma(config, zero_centered_config):
+    """layernorm_zero_centered_gamma: TE stores gamma - 1 (initialized to zeros) and scales by
+    1 + gamma; the local norm (which has no such option) holds 1 + gamma."""
+    te = _build_te_layernorm_column(zero_centered_config)
+    initial = te.layer_norm_weight.detach().clone()
+    _, local = _build_layernorm_column(config)
+    with torch.no_grad():
+        te.layer_norm_weight.copy_(local.norm.weight - 1)
+    x_full = _data(SEQ, BATCH, HIDDEN, seed=17)
+    outs = []
+    for module in (te, local):
+        x = _leaf(_seq_shard(x_full, config.sequence_parallel))
+        y = module(x)[0]
+        y.sum().backward()
+        outs.append((y, x.grad))
+    return dict(initial_gamma_is_zero=bool((initial == 0).all()),
+                out=(outs[0][0], outs[1][0]), dx=(outs[0][1], outs[1][1]),
+                dgamma=(te.layer_norm_weight.grad, local.norm.weight.grad))
 
 
 def layernorm_column_linear(config):
@@ -251,14 +317,21 @@ def all_layer_cases():
     results = {}
     for tp, sp in [(2, False), (2, True), (1, False)]:
         initialize_model_parallel(tp=tp)
-        rms = tiny_gpt.transformer_config(sequence_parallel=sp, add_bias_linear=True)
-        ln = tiny_gpt.transformer_config(sequence_parallel=sp, add_bias_linear=True,
-                                         normalization="LayerNorm")
+
+        def config(**overrides):  # the tiny GPT's config (RMSNorm, fp32) with overrides
+            return tiny_gpt.transformer_config(sequence_parallel=sp, **overrides)
+
+        rms, ln = config(), config(normalization="LayerNorm")
         results[(tp, sp)] = {
             "column": column_linear(rms),
+            "column[bf16]": column_linear(config(params_dtype=torch.bfloat16)),
+            "column_wgrad_shortcuts": column_wgrad_shortcuts(
+                rms, config(gradient_accumulation_fusion=True)),
             "row": row_linear(rms),
             "layernorm_column[RMSNorm]": layernorm_column_linear(rms),
             "layernorm_column[LayerNorm]": layernorm_column_linear(ln),
+            "zero_centered_gamma": zero_centered_gamma(
+                rms, config(layernorm_zero_centered_gamma=True)),
             "fp8": fp8_layernorm_column_linear(rms),
         }
     return results

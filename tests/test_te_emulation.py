@@ -66,10 +66,22 @@ def _check_linear(case, rank, what):
         assert te == local, f"{what} {quantity}"
 
 
+@pytest.mark.parametrize("case", ["column", "column[bf16]"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_te_column_parallel_linear_equals_column_parallel_linear(layer_results, layout):
+def test_te_column_parallel_linear_equals_column_parallel_linear(layer_results, layout, case):
     for rank, results in enumerate(layer_results):
-        _check_linear(results[layout]["column"], rank, "column")
+        _check_linear(results[layout][case], rank, case)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_frozen_weight_gets_no_wgrad_and_fused_wgrad_lands_in_main_grad(layer_results, layout):
+    for rank, results in enumerate(layer_results):
+        case = results[layout]["column_wgrad_shortcuts"]
+        assert_same(*case["frozen_dx"], f"rank {rank} frozen dx")
+        assert case["frozen_grad_is_none"]
+        assert_same(*case["fused_dx"], f"rank {rank} fused dx")
+        assert_same(*case["fused_main_grad"], f"rank {rank} main_grad")
+        assert case["fused_marked"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
@@ -93,6 +105,15 @@ def test_te_layernorm_column_linear_equals_norm_then_column_linear(layer_results
             te, local = case[quantity]
             assert te == local, quantity
         assert case["gamma_attributes"][0]["sequence_parallel"] == layout[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_zero_centered_gamma_starts_at_zero_and_scales_by_one_plus_gamma(layer_results, layout):
+    for rank, results in enumerate(layer_results):
+        case = results[layout]["zero_centered_gamma"]
+        assert case["initial_gamma_is_zero"]
+        for quantity in ("out", "dx", "dgamma"):
+            assert_same(*case[quantity], f"rank {rank} {quantity}")
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -8,7 +8,8 @@ def not_emulated_class(name: str, base: type = object) -> type:
     def __init__(self, *args, **kwargs):
         raise NotImplementedError(f"transformer_engine {name} is not emulated")
 
-    return type(name.rsplit(".", 1)[-1], (base,), {"__init__": __init__, "__doc__": "Not emulated."})
+    attributes = {"__init__": __init__, "__doc__": "Not emulated."}
+    return type(name.rsplit(".", 1)[-1], (base,), attributes)
 
 
 def not_emulated_function(name: str):

@@ -8,7 +8,7 @@ generator states, since the emulation runs where there is no CUDA.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, ContextDecorator, contextmanager
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

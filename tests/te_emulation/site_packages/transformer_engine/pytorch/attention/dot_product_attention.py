@@ -62,7 +62,9 @@ class DotProductAttention(TransformerEngineBaseModule):
             raise NotImplementedError("only vanilla softmax is emulated")
         self.qkv_format = qkv_format
         attn_mask_type = attn_mask_type.replace(",", "_")
-        self.attn_mask_type = "padding_causal" if attn_mask_type == "causal_padding" else attn_mask_type
+        if attn_mask_type == "causal_padding":
+            attn_mask_type = "padding_causal"
+        self.attn_mask_type = attn_mask_type
         self._check_window(window_size)
         if tp_group is None:
             self.tp_size = tp_size
