@@ -38,7 +38,8 @@ def te_and_local_gpt(sp: bool):
         losses.append(loss.detach())
     weights = (_by_local_name(te, lambda p: p.detach().clone()), tiny_gpt.full_state(local))
     grads = (_by_local_name(te, lambda p: p.grad), {n: p.grad for n, p in local.named_parameters()})
-    return dict(loss=tuple(losses), weights=weights, grads=grads)
+    state_dict_keys = (sorted(te.state_dict()), sorted(local.state_dict()))
+    return dict(loss=tuple(losses), weights=weights, grads=grads, state_dict_keys=state_dict_keys)
 
 
 def gpu_style_init_weights():

@@ -183,6 +183,18 @@ def test_te_spec_gpt_equals_local_spec_gpt(gpt_results, layout):
                 assert_same(te[name], local[name], f"rank {rank} {kind} {name}")
 
 
+def test_te_gpt_state_dict_is_the_local_one_renamed_plus_attention_extra_state(gpt_results):
+    """Checkpoint keys: the local spec's under the name mapping (megatron's local linears also
+    write `_extra_state`), plus TE attention's `_extra_state` (its FP8 metadata in real TE)."""
+    import tiny_gpt
+
+    te_keys, local_keys = gpt_results[0][(2, True)]["state_dict_keys"]
+    renamed = {tiny_gpt.te_to_local_name(k) for k in te_keys}
+    assert set(local_keys) <= renamed
+    assert renamed - set(local_keys) == {
+        f"decoder.layers.{i}.self_attention.core_attention._extra_state" for i in range(2)}
+
+
 def test_te_init_under_the_rng_tracker_equals_megatron_gpu_init(gpt_results):
     """use_cpu_initialization=False: each rank draws its own shard under the tracker."""
     for rank, results in enumerate(gpt_results):

@@ -1,7 +1,7 @@
 """`transformer_engine.pytorch.LayerNorm` (TE v2.11 `module/layernorm.py`, an op-based module).
 
 Parameters `weight` (ones, or zeros with zero_centered_gamma) and `bias` (zeros), each marked
-`sequence_parallel` when that legacy flag is given (megatron then all-reduces their grads over
+`sequence_parallel` when that legacy flag is given, and an (empty) `_extra_state` (megatron then all-reduces their grads over
 the TP group). Accepts TE's deprecated `hidden_size` / `params_dtype` spellings, which
 megatron-core 0.16 uses (0.19 passes `normalized_shape`).
 """
@@ -59,6 +59,14 @@ class _Norm(torch.nn.Module):
         if self.sequence_parallel is not None:
             for param in self.parameters():
                 param.sequence_parallel = self.sequence_parallel
+
+    def get_extra_state(self) -> torch.Tensor:
+        """TE's op-based norms keep quantizer state here; a standalone norm has none, so it is
+        empty (the key still appears in state dicts, as with real TE)."""
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to restore (see get_extra_state)."""
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         return normalize(inp, self.weight, getattr(self, "bias", None), self.eps,
