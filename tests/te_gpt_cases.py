@@ -73,6 +73,24 @@ def fp8_through_megatron_config(sp: bool):
     return result
 
 
+def te_rng_tracker_streams():
+    """megatron's `te_rng_tracker=True` builds its tracker on TE's CudaRNGStatesTracker: the
+    tensor-parallel stream differs per TP rank and continues where it stopped."""
+    from megatron.core.extensions.transformer_engine import TECudaRNGStatesTracker
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234, te_rng_tracker=True, force_reset_rng=True)
+    tracker = get_cuda_rng_tracker()
+    with tracker.fork():
+        first = torch.rand(4)
+    with tracker.fork():
+        second = torch.rand(4)
+    result = dict(is_te_tracker=isinstance(tracker, TECudaRNGStatesTracker), first=first,
+                  second=second, default=torch.rand(4))
+    model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    return result
+
+
 def which_te():
     """What megatron-core detected: the TE version and whether its TE-dependent modules are on."""
     import transformer_engine
@@ -94,4 +112,5 @@ def all_gpt_cases():
     initialize_model_parallel(tp=2)
     results["gpu_style_init"] = gpu_style_init_weights()
     results["fp8"] = fp8_through_megatron_config(sp=True)
+    results["te_rng_tracker"] = te_rng_tracker_streams()
     return results

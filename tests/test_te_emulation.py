@@ -195,6 +195,14 @@ def test_te_gpt_state_dict_is_the_local_one_renamed_plus_attention_extra_state(g
         f"decoder.layers.{i}.self_attention.core_attention._extra_state" for i in range(2)}
 
 
+def test_megatron_te_rng_tracker_runs_on_the_emulated_tracker(gpt_results):
+    rank0, rank1 = (r["te_rng_tracker"] for r in gpt_results)
+    assert rank0["is_te_tracker"] and rank1["is_te_tracker"]
+    assert not torch.equal(rank0["first"], rank1["first"])  # TP ranks draw different masks
+    assert not torch.equal(rank0["first"], rank0["second"])  # the stream advances
+    assert torch.equal(rank0["default"], rank1["default"])  # the default stream is shared
+
+
 def test_te_init_under_the_rng_tracker_equals_megatron_gpu_init(gpt_results):
     """use_cpu_initialization=False: each rank draws its own shard under the tracker."""
     for rank, results in enumerate(gpt_results):
