@@ -101,7 +101,7 @@ def save_lora_checkpoint(model, path: str | Path) -> None:
     for name, module in modules.items():
         for matrix in ("lora_A", "lora_B"):
             param = getattr(module, matrix).weight
-            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(param, module.tp_group).cpu()
+            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(param, module.lora_tp_group).cpu()
     # Pipeline stages hold different layers; TP ranks (after the gather) and data-parallel
     # replicas hold the same ones: one copy of each travels to rank 0.
     gathered = {}
@@ -170,8 +170,8 @@ def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: Path) -> list[
                 continue
             param = getattr(module, matrix).weight
             shape = list(param.shape)
-            if getattr(param, "tensor_model_parallel", False) and module.tp_group is not None:
-                shape[param.partition_dim] *= module.tp_group.size()
+            if getattr(param, "tensor_model_parallel", False) and module.lora_tp_group is not None:
+                shape[param.partition_dim] *= module.lora_tp_group.size()
             if list(checkpoint.tensors[key].shape) != shape:
                 problems.append(f"{path}: tensor {key} has shape "
                                 f"{list(checkpoint.tensors[key].shape)}, the model needs {shape}")
@@ -202,4 +202,4 @@ def load_lora_checkpoint(model, path: str | Path) -> None:
             for matrix in ("lora_A", "lora_B"):
                 param = getattr(module, matrix).weight
                 full = checkpoint.tensors[f"{name}.{matrix}.weight"]
-                param.copy_(sharding.local_shard(full, param, module.tp_group))
+                param.copy_(sharding.local_shard(full, param, module.lora_tp_group))

@@ -75,7 +75,7 @@ class LoRAParallelLinear:
         `stride` is the base weight's partition stride (2 for SwiGLU fc1); when not given it
         is read from the weight's Megatron attributes."""
         config = self.lora_config
-        tp, _ = _group_size_rank(self.tp_group)
+        tp, _ = _group_size_rank(self.lora_tp_group)
         if getattr(self, "explicit_expert_comm", False) and tp > 1:
             raise NotImplementedError(
                 f"LoRA on expert linears with expert tensor parallelism ({type(self).__name__}, "
@@ -107,6 +107,12 @@ class LoRAParallelLinear:
             param.allreduce = getattr(self.weight, "allreduce", True)
         self.reset_lora_parameters(type(self).__name__)
 
+    @property
+    def lora_tp_group(self):
+        """The group the base weight is split over. Megatron's TE wrappers keep it as
+        `_tp_group` (TE's own `tp_group` is None where TE's communication is switched off)."""
+        return getattr(self, "_tp_group", None) or self.tp_group
+
     def remove_lora(self) -> None:
         """Turn this module back into a plain instance of its base class."""
         if self.lora_merged:
@@ -118,7 +124,7 @@ class LoRAParallelLinear:
     @property
     def lora_in_features(self) -> int:
         """The full (unsharded) input size of A."""
-        tp, _ = _group_size_rank(self.tp_group)
+        tp, _ = _group_size_rank(self.lora_tp_group)
         in_local = self.lora_A.weight.shape[1]
         return in_local * tp if self.lora_family == ROW else in_local
 
@@ -130,7 +136,7 @@ class LoRAParallelLinear:
         global layer number and the module's name inside the layer)."""
         full = initial_lora_A(self.lora_config, self.lora_in_features, *key)
         if self.lora_family == ROW:
-            tp, rank = _group_size_rank(self.tp_group)
+            tp, rank = _group_size_rank(self.lora_tp_group)
             full = sharding.shard(full, 1, rank, tp)
         self.lora_A.weight.copy_(full)
         self.lora_B.weight.zero_()
@@ -152,7 +158,12 @@ class LoRAParallelLinear:
         return (self.merge_source().float() + self.lora_delta()).to(self.weight.dtype)
 
     def merge_source(self) -> torch.Tensor:
-        """The high-precision base weight the merge starts from."""
+        """The high-precision base weight the merge starts from. With FP8 primary weights
+        (TE's `fp8_model_init`, Megatron's `--fp8-param-gather`) the weight is a TE quantized
+        tensor holding no high-precision copy; its dequantized value is exactly what the base
+        GEMM uses, so the merge starts from that (a bf16 result, never re-quantized here)."""
+        if _is_te_quantized(self.weight):
+            return self.weight.dequantize()
         return self.weight.detach()
 
     @torch.no_grad()
@@ -160,6 +171,11 @@ class LoRAParallelLinear:
         """W += scaling * B @ A in place (fp32 arithmetic, one cast); the branch is then skipped."""
         if self.lora_merged:
             raise RuntimeError(f"{type(self).__name__}: LoRA is already merged")
+        if _is_te_quantized(self.weight):
+            raise RuntimeError(
+                f"{type(self).__name__}: the base weight is FP8 (TE primary weights); writing a "
+                f"merge into it re-quantizes it, losing small deltas for good. Stream merged "
+                f"weights with iter_merged_weights (bf16) instead")
         self.weight.copy_(self.merged_weight())
         self.lora_merged = True
 
@@ -189,7 +205,7 @@ class LoRAParallelLinear:
         split_dim = 0 if self.lora_family == COLUMN else 1
         adapter_state = make_sharded_tensors_for_checkpoint(
             adapters, prefix, {split: split_dim}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=dp_cp_group)
+            tp_group=self.lora_tp_group, dp_cp_group=dp_cp_group)
         if getattr(self.lora_B.weight, "partition_stride", 1) == 2:
             # SwiGLU fc1: each rank holds [gate_i; up_i]; Megatron's factory saves the two
             # halves as separate global tensors, as MLP does for fc1's weight.
@@ -224,12 +240,12 @@ class LoRAParallelLinear:
         )
 
         h = F.linear(self._lora_dropout(x, sharded=self.sequence_parallel), self.lora_A.weight)
-        tp, _ = _group_size_rank(self.tp_group)
+        tp, _ = _group_size_rank(self.lora_tp_group)
         if tp == 1 or getattr(self, "explicit_expert_comm", False):
             return h
         if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(h, group=self.tp_group)
-        return copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+            return gather_from_sequence_parallel_region(h, group=self.lora_tp_group)
+        return copy_to_tensor_model_parallel_region(h, group=self.lora_tp_group)
 
     def _lora_hidden_row(self, x_parallel: torch.Tensor) -> torch.Tensor:
         """`A x` summed over the input shards: [tokens, r], or its sequence shard under SP."""
@@ -239,12 +255,12 @@ class LoRAParallelLinear:
         )
 
         h = F.linear(self._lora_dropout(x_parallel, sharded=True), self.lora_A.weight)
-        tp, _ = _group_size_rank(self.tp_group)
+        tp, _ = _group_size_rank(self.lora_tp_group)
         if tp == 1 or getattr(self, "explicit_expert_comm", False):
             return h
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
-        return reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+            return reduce_scatter_to_sequence_parallel_region(h, group=self.lora_tp_group)
+        return reduce_from_tensor_model_parallel_region(h, group=self.lora_tp_group)
 
     def _add_lora_output(self, output: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """`output + scaling * h B^T` as one addmm: the scaling rides on the GEMM (its backward
@@ -255,6 +271,12 @@ class LoRAParallelLinear:
         flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]),
                            B.t(), alpha=self.lora_scaling)
         return flat.view(output.shape)
+
+
+def _is_te_quantized(tensor: torch.Tensor) -> bool:
+    """A Transformer Engine quantized tensor (Float8Tensor, MXFP8Tensor, ...): TE's tensor
+    subclasses live in `transformer_engine.pytorch.tensor`; no TE import needed to tell."""
+    return type(tensor).__module__.startswith("transformer_engine.")
 
 
 def _mark(param: torch.nn.Parameter, split_dim: int | None, stride: int = 1) -> None:
@@ -303,12 +325,80 @@ class LoRARowParallelMixin(LoRAParallelLinear):
         return self._add_lora_output(output, self._lora_hidden_row(x)), bias
 
 
-def _family_mixins() -> list[tuple[type, type]]:
-    """(base class, LoRA mixin) pairs, most specific first."""
+class LoRATEColumnParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TEColumnParallelLinear` (Transformer Engine)."""
+
+    lora_family = COLUMN
+
+    def forward(self, x):
+        output, bias = super().forward(x)
+        if not self.lora_active:
+            return output, bias
+        return self._add_lora_output(output, self._lora_hidden_column(x)), bias
+
+
+class LoRATERowParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TERowParallelLinear` (input always parallel)."""
+
+    lora_family = ROW
+
+    def forward(self, x):
+        output, bias = super().forward(x)
+        if not self.lora_active:
+            return output, bias
+        return self._add_lora_output(output, self._lora_hidden_row(x)), bias
+
+
+class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TELayerNormColumnParallelLinear`, whose norm is fused into
+    the linear: the adapter must see the *normalized* input, which TE hands back when
+    `return_layernorm_output` is on.
+
+    TE returns that output in the activation's high precision even under FP8 autocast, and
+    adds the gradient flowing into it to the input gradient before the norm backward (after
+    its own TP reduction; under SP it is this rank's sequence shard, which is what the column
+    rule wants). The `..._gathered` variant drops that gradient in TE >= 2.4, so it stays off.
+    See docs/te_notes.md.
+    """
+
+    lora_family = COLUMN
+
+    def forward(self, x):
+        # Ask TE for the norm output only when the adapter runs (merged or disabled: the base
+        # forward, with no extra output and, under FP8, no extra quantization).
+        self.return_layernorm_output = self.lora_active
+        self.return_layernorm_output_gathered = False
+        result = super().forward(x)
+        if not self.return_layernorm_output:
+            return result
+        if self.te_return_bias:
+            output, bias, normalized = result
+        else:
+            (output, normalized), bias = result
+        return self._add_lora_output(output, self._lora_hidden_column(normalized)), bias
+
+    def remove_lora(self) -> None:
+        self.return_layernorm_output = False
+        super().remove_lora()
+
+
+@functools.lru_cache(maxsize=None)
+def _family_mixins() -> tuple[tuple[type, type], ...]:
+    """(base class, LoRA mixin) pairs: megatron-core's local parallel linears, and its
+    Transformer Engine wrappers when megatron-core found TE at import."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    return [(ColumnParallelLinear, LoRAColumnParallelMixin),
-            (RowParallelLinear, LoRARowParallelMixin)]
+    pairs = [(ColumnParallelLinear, LoRAColumnParallelMixin),
+             (RowParallelLinear, LoRARowParallelMixin)]
+    try:
+        from megatron.core.extensions import transformer_engine as te_wrappers
+    except ImportError:
+        return tuple(pairs)
+    if getattr(te_wrappers, "HAVE_TE", False):
+        pairs += [(te_wrappers.TELayerNormColumnParallelLinear, LoRATELayerNormColumnParallelMixin),
+                  (te_wrappers.TEColumnParallelLinear, LoRATEColumnParallelMixin),
+                  (te_wrappers.TERowParallelLinear, LoRATERowParallelMixin)]
+    return tuple(pairs)
 
 
 def is_lora_linear(module_or_class) -> bool:

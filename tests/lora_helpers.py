@@ -27,6 +27,15 @@ def full_tensor_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return sharding.full_tensor(_with_layout(value, param), tp_group())
 
 
+def full_grad(param: torch.Tensor) -> torch.Tensor:
+    """The unsharded, complete grad of a parameter: partial grads of `sequence_parallel`
+    matrices summed over TP first, as Megatron's grad finalization does."""
+    grad = param.grad.detach().clone()
+    if getattr(param, "sequence_parallel", False):
+        torch.distributed.all_reduce(grad, group=tp_group())
+    return full_tensor_like(grad, param)
+
+
 def _with_layout(value, param):
     for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
         if hasattr(param, attr):
