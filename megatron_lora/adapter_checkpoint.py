@@ -92,27 +92,36 @@ def _config_and_geometry(modules: dict) -> tuple[LoRAConfig, Geometry]:
     return first.lora_config, Geometry.from_megatron(first.config)
 
 
-def save_lora_checkpoint(model, path: str | Path) -> None:
-    """Write the adapters (gathered over TP and PP to rank 0) and the header to `path`.
-    Call on every rank, like a collective."""
+def gather_adapter(model) -> AdapterCheckpoint | None:
+    """The model's adapters as full tensors named by their place in the unsplit model, with
+    config and geometry: on rank 0; None on the other ranks. Call on every rank."""
     modules = _lora_modules(model)
     config, geometry = _config_and_geometry(modules)
     tensors = {}
     for name, module in modules.items():
         for matrix in ("lora_A", "lora_B"):
             param = getattr(module, matrix).weight
-            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(param, module.lora_tp_group).cpu()
+            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(
+                param, module.lora_tp_group).cpu()
     # Pipeline stages hold different layers; TP ranks (after the gather) and data-parallel
     # replicas hold the same ones: one copy of each travels to rank 0.
     gathered = {}
     for received in _gather_to_rank0(tensors if _is_first_replica() else {}):
         gathered.update(received)
     _, rank = _world()
-    if rank == 0:
+    return AdapterCheckpoint(dict(sorted(gathered.items())), config, geometry) if rank == 0 else None
+
+
+def save_lora_checkpoint(model, path: str | Path) -> None:
+    """Write the adapters (gathered over TP and PP to rank 0) and the header to `path`.
+    Call on every rank, like a collective."""
+    checkpoint = gather_adapter(model)
+    if checkpoint is not None:
         header = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "lora_config": config.to_dict(), "geometry": geometry.to_dict(),
-                  "sha256": {name: _digest(t) for name, t in sorted(gathered.items())}}
-        atomic_save_safetensors(gathered, path, metadata={HEADER_KEY: json.dumps(header)})
+                  "lora_config": checkpoint.config.to_dict(),
+                  "geometry": checkpoint.geometry.to_dict(),
+                  "sha256": {name: _digest(t) for name, t in checkpoint.tensors.items()}}
+        atomic_save_safetensors(checkpoint.tensors, path, metadata={HEADER_KEY: json.dumps(header)})
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -150,7 +159,7 @@ def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
                              Geometry.from_dict(header["geometry"]))
 
 
-def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: Path) -> list[str]:
+def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: str) -> list[str]:
     """Every way the checkpoint does not fit this rank's part of the model."""
     config, geometry = _config_and_geometry(modules)
     problems = []
@@ -182,10 +191,14 @@ def load_lora_checkpoint(model, path: str | Path) -> None:
     """Load an adapter checkpoint into the model's LoRA parameters, at any TP/PP size. Call on
     every rank. Every mismatch (config, geometry, a missing or extra tensor, a shape) raises
     `ValueError` naming it on every rank, before any parameter is touched."""
-    path = Path(path)
-    checkpoint = read_lora_checkpoint(path)
+    load_adapter(model, read_lora_checkpoint(path), str(path))
+
+
+def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
+    """Copy full adapter tensors into this rank's LoRA parameters, after checking on every
+    rank that they fit (`source` names them in errors). Call on every rank."""
     modules = _lora_modules(model)
-    local_problems = _problems(checkpoint, modules, path)
+    local_problems = _problems(checkpoint, modules, source)
     # The expected key set spans every pipeline stage; each rank knows only its own layers.
     expected, problems = set(), []
     for keys, rank_problems in _all_gather_objects(
@@ -194,9 +207,9 @@ def load_lora_checkpoint(model, path: str | Path) -> None:
         problems += [p for p in rank_problems if p not in problems]
     extra = sorted(set(checkpoint.tensors) - expected)
     if extra:
-        problems.append(f"{path} holds tensor(s) the model has no adapter for: {extra}")
+        problems.append(f"{source} holds tensor(s) the model has no adapter for: {extra}")
     if problems:
-        raise ValueError("cannot load adapter checkpoint: " + "; ".join(problems))
+        raise ValueError(f"cannot load adapter from {source}: " + "; ".join(problems))
     with torch.no_grad():
         for name, module in modules.items():
             for matrix in ("lora_A", "lora_B"):
