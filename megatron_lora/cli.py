@@ -1,0 +1,93 @@
+"""The `megatron-lora` command.
+
+    megatron-lora export-peft CHECKPOINT OUT [--base-model NAME]   adapter checkpoint -> PEFT
+    megatron-lora inspect PATH                                     adapter checkpoint or PEFT dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from megatron_lora.peft_export import export_peft_adapter
+
+    export_peft_adapter(args.checkpoint, args.out, base_model_name_or_path=args.base_model,
+                        architecture=args.architecture)
+    print(f"wrote the PEFT adapter to {args.out}")
+    return 0
+
+
+def describe(path: str | Path) -> list[tuple[str, str]]:
+    """(field, value) lines describing an adapter checkpoint file or a PEFT adapter folder."""
+    path = Path(path)
+    if path.is_dir():
+        from lora_common.peft_files import read_peft_adapter
+
+        adapter = read_peft_adapter(path)
+        first_A = next(iter(adapter.adapters.values()))[0]
+        layers = sorted({int(name.split(".layers.")[1].split(".")[0])
+                         for name in adapter.adapters if ".layers." in name})
+        params = sum(a.numel() + b.numel() for a, b in adapter.adapters.values())
+        return [("format", "PEFT LoRA adapter"), ("r", str(adapter.config["r"])),
+                ("alpha", str(adapter.config["lora_alpha"])),
+                ("rslora", str(adapter.config.get("use_rslora", False))),
+                ("targets", " ".join(adapter.config["target_modules"])),
+                ("adapted modules", str(len(adapter.adapters))),
+                ("parameters", f"{params:,}"),
+                ("layers", f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "?"),
+                ("hidden (A's input of the first module)", str(first_A.shape[1])),
+                ("base model", str(adapter.config.get("base_model_name_or_path")))]
+    from megatron_lora.adapter_checkpoint import read_lora_checkpoint
+
+    checkpoint = read_lora_checkpoint(path)
+    config, geometry = checkpoint.config, checkpoint.geometry
+    params = sum(t.numel() for t in checkpoint.tensors.values())
+    return [("format", "megatron-lora adapter checkpoint"), ("r", str(config.r)),
+            ("alpha", str(config.alpha)), ("rslora", str(config.use_rslora)),
+            ("targets", " ".join(config.target_modules or ())),
+            ("excluded", " ".join(config.exclude_modules) or "-"),
+            ("adapted modules", str(len(checkpoint.tensors) // 2)),
+            ("parameters", f"{params:,}"),
+            *[(field, str(value)) for field, value in geometry.to_dict().items()]]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    lines = describe(args.path)
+    width = max(len(field) for field, _ in lines)
+    for field, value in lines:
+        print(f"{field:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-lora", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export-peft", help="convert an adapter checkpoint to PEFT")
+    export.add_argument("checkpoint", help="adapter checkpoint (.safetensors) from save_lora_checkpoint")
+    export.add_argument("out", help="folder to write adapter_config.json and adapter_model.safetensors")
+    export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
+    export.add_argument("--architecture", default="LlamaForCausalLM",
+                        help="HF architecture of the base model (Llama family)")
+    export.set_defaults(run=_export_peft)
+
+    inspect = commands.add_parser("inspect", help="describe an adapter checkpoint or PEFT folder")
+    inspect.add_argument("path")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"megatron-lora {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

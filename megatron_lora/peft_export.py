@@ -1,0 +1,92 @@
+"""Megatron adapters -> HuggingFace PEFT adapters, which vLLM and SGLang serve.
+
+    export_peft_adapter(model, "out/peft")                      # live, any TP/PP; every rank calls
+    export_peft_adapter("ckpt/adapter.safetensors", "out/peft") # offline, no model, no GPU
+
+Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; PEFT adapts them apart.
+A fused adapter splits exactly: `B_fused @ A` restricted to q's rows is `B_q @ A`, so q, k and
+v each get the fused A (copied) and their rows of the fused B, read with Megatron's per-group
+layout `[q heads of group g; k_g; v_g]` (hf_layout.split_qkv). The split runs on full tensors,
+after the TP gather, where fc1's B is `[gate; up]` again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from lora_common.peft_files import adapter_config_dict, write_peft_adapter
+from megatron_lora import hf_layout
+from megatron_lora.adapter_checkpoint import AdapterCheckpoint, gather_adapter, read_lora_checkpoint
+
+# vLLM refuses adapters above its --max-lora-rank (default 16) and ranks outside this list.
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module name -> (A, B) for every adapter in a Megatron adapter checkpoint."""
+    adapters = {}
+    for key in checkpoint.tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        layer, target = hf_layout.parse_megatron_module(module)
+        A = checkpoint.tensors[key]
+        B = checkpoint.tensors[f"{module}.lora_B.weight"]
+        parts = hf_layout.split_target(target, B, checkpoint.geometry)
+        for name, part in zip(hf_layout.hf_module_names(layer, target), parts):
+            adapters[name] = (A.clone(), part.contiguous())
+    return adapters
+
+
+def serving_warnings(r: int) -> list[str]:
+    """What a serving engine will say about rank `r`."""
+    notes = []
+    if r > VLLM_DEFAULT_MAX_LORA_RANK:
+        notes.append(f"rank {r} is above vLLM's default --max-lora-rank "
+                     f"{VLLM_DEFAULT_MAX_LORA_RANK}: serve with --max-lora-rank >= {r} "
+                     f"(SGLang: --max-lora-rank >= {r})")
+    if r not in VLLM_LORA_RANKS:
+        notes.append(f"rank {r} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))})")
+    return notes
+
+
+def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,
+                      base_model_name_or_path: str | None = None,
+                      task_type: str = "CAUSAL_LM") -> dict:
+    """Write `checkpoint` as a PEFT adapter folder; returns the adapter_config written."""
+    adapters = peft_modules(checkpoint)
+    targets = checkpoint.config.target_modules
+    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
+    # so PEFT adapts exactly the modules that have tensors.
+    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in targets
+                for name in hf_layout.hf_module_names(layer, target) if name not in adapters]
+    config = adapter_config_dict(
+        checkpoint.config, hf_layout.hf_target_modules(targets), exclude_modules=excluded,
+        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+    for note in serving_warnings(checkpoint.config.r):
+        warnings.warn(f"export_peft_adapter: {note}", stacklevel=3)
+    write_peft_adapter(out_dir, config, adapters)
+    return config
+
+
+def export_peft_adapter(source, out_dir: str | Path, *,
+                        base_model_name_or_path: str | None = None,
+                        architecture: str = "LlamaForCausalLM",
+                        task_type: str = "CAUSAL_LM") -> None:
+    """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
+    checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
+    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout."""
+    hf_layout.architecture(architecture)  # an unknown architecture is refused by name
+    if isinstance(source, (str, Path)):
+        checkpoint = read_lora_checkpoint(source)
+    else:
+        checkpoint = gather_adapter(source)
+    if checkpoint is not None:
+        export_checkpoint(checkpoint, out_dir, base_model_name_or_path=base_model_name_or_path,
+                          task_type=task_type)
+    if not isinstance(source, (str, Path)) and torch.distributed.is_initialized():
+        torch.distributed.barrier()
