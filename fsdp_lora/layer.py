@@ -1,0 +1,88 @@
+"""`LoRALinear`: an `nn.Linear` plus a low-rank update, `y = x W^T + b + s * (x A^T) B^T`.
+
+It is a subclass, not a wrapper: the base keeps its names (`q_proj.weight`, `q_proj.bias`), so
+HF checkpoints and converters see the model they know; the adapter adds `q_proj.lora_A.weight`
+[r, in] and `q_proj.lora_B.weight` [out, r], PEFT's names and shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsdp_lora.factor import LoRAFactor
+from lora_common.config import LoRAConfig
+
+
+class LoRALinear(nn.Linear):
+    """Linear layer with a LoRA adapter.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as `nn.Linear`.
+        config: the adapter's `LoRAConfig` (r, scaling, dropout, A's init and seed).
+        name: the qualified HF module name; with `config.seed` it fixes A's initial values.
+
+    Shapes: input `[..., in]`, output `[..., out]`; `lora_A.weight` `[r, in]`,
+    `lora_B.weight` `[out, r]` (zero at init, so the layer starts equal to its base).
+
+    States: `merged` (the update lives inside `weight`; the forward is the base GEMM alone)
+    and `lora_enabled` (False inside `disable_lora`: the forward is the base layer's).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 config: LoRAConfig, name: str, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._add_adapter(config, name)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LoRAConfig, name: str) -> LoRALinear:
+        """A LoRA layer that takes over `linear`'s own weight and bias Parameters (no copy, so
+        device, dtype, meta-ness and requires_grad carry over)."""
+        layer = cls.__new__(cls)
+        # nn.Linear.__init__ on meta allocates nothing; the Parameters are replaced right after.
+        nn.Linear.__init__(layer, linear.in_features, linear.out_features,
+                           bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.train(linear.training)
+        layer._add_adapter(config, name)
+        return layer
+
+    def _add_adapter(self, config: LoRAConfig, name: str) -> None:
+        self.lora_config, self.lora_name = config, name
+        self.r, self.scaling = config.r, config.scaling
+        place = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = LoRAFactor(config.r, self.in_features, init=config.init,
+                                 seed=config.seed, name=name, **place)
+        self.lora_B = LoRAFactor(self.out_features, config.r, init="zeros",
+                                 seed=config.seed, name=name, **place)
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.merged = False
+        self.lora_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.lora_enabled:
+            return F.linear(x, self.weight, self.bias)
+        # Work on a 2-D [tokens, in] view: the base GEMM writes a fresh [tokens, out] tensor
+        # and addmm_ accumulates the update into it, so the LoRA branch allocates nothing
+        # output-sized and autograd sees plain views (no CopySlices copy of the grad).
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        out = F.linear(x2d, self.weight, self.bias)
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        lora_in = x2d if self.lora_dropout is None else self.lora_dropout(x2d)
+        hidden = F.linear(lora_in.to(lora_a.dtype), lora_a)                    # [tokens, r]
+        # alpha= applies the scaling inside the GEMM: no elementwise pass at all in forward;
+        # backward scales only the small [tokens, r] and [r, out] grads.
+        out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).t(), alpha=self.scaling)
+        return out.view(*lead, self.out_features)
+
+    def delta_weight(self, lora_a: torch.Tensor | None = None,
+                     lora_b: torch.Tensor | None = None) -> torch.Tensor:
+        """`s * B @ A` in fp32, [out, in] (or the rows that `lora_b` holds)."""
+        lora_a = self.lora_A.weight if lora_a is None else lora_a
+        lora_b = self.lora_B.weight if lora_b is None else lora_b
+        return (lora_b.detach().float() @ lora_a.detach().float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"

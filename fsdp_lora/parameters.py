@@ -1,0 +1,39 @@
+"""Adapter-parameter helpers, kept apart from the layer: find, list and freeze around LoRA."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fsdp_lora.factor import LoRAFactor
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """Every `LoRALinear` of `model`, in module order."""
+    from fsdp_lora.layer import LoRALinear
+
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def get_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A and B weights of every adapter, in module order: what a LoRA-only optimizer
+    takes. Under FSDP2 they are the DTensor shards FSDP2 registered."""
+    from fsdp_lora.full_params import fsdp1_units
+
+    units = fsdp1_units(model)
+    if any(not unit._use_orig_params for unit in units):
+        raise ValueError("get_lora_parameters: FSDP1 was built with use_orig_params=False, "
+                         "which hides the LoRA parameters inside flat parameters; wrap with "
+                         "FullyShardedDataParallel(..., use_orig_params=True)")
+    params = [m.weight for m in model.modules() if isinstance(m, LoRAFactor)]
+    if not params:
+        raise ValueError(f"get_lora_parameters: {type(model).__name__} has no LoRA adapters; "
+                         f"call apply_lora_to_fsdp_model first")
+    return params
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except the LoRA factors (which become trainable)."""
+    lora = {id(p) for p in get_lora_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in lora)
+    return model
