@@ -41,8 +41,8 @@ def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str
                              f"its linear layers are named: {_linear_names(hf_named)}")
         for name, module in hits:
             if not isinstance(module, nn.Linear):
-                raise ValueError(f"LoRA target {pattern!r} matches {name!r}, a "
-                                 f"{type(module).__name__}; LoRA adapts nn.Linear layers only "
+                raise ValueError(f"LoRA target {pattern!r} matches {name!r} "
+                                 f"({type(module).__name__}); LoRA adapts nn.Linear layers only "
                                  f"(linear layers here: {_linear_names(hf_named)})")
     for pattern in config.exclude_modules:
         if not any(_matches(name, pattern) for name, _ in hf_named):
