@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsdp_lora.factor import LoRAFactor
+from fsdp_lora.lora_function import lora_linear
 from lora_common.config import LoRAConfig
 
 
@@ -63,19 +64,26 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.lora_enabled:
             return F.linear(x, self.weight, self.bias)
-        # Work on a 2-D [tokens, in] view: the base GEMM writes a fresh [tokens, out] tensor
-        # and addmm_ accumulates the update into it, so the LoRA branch allocates nothing
-        # output-sized and autograd sees plain views (no CopySlices copy of the grad).
+        # Work on a 2-D [tokens, in] view; the base GEMM writes the only [tokens, out] tensor
+        # and the update is accumulated into it (addmm_ with alpha=s: no elementwise pass).
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        out = F.linear(x2d, self.weight, self.bias)
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
-        lora_in = x2d if self.lora_dropout is None else self.lora_dropout(x2d)
-        hidden = F.linear(lora_in.to(lora_a.dtype), lora_a)                    # [tokens, r]
-        # alpha= applies the scaling inside the GEMM: no elementwise pass at all in forward;
-        # backward scales only the small [tokens, r] and [r, out] grads.
-        out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).t(), alpha=self.scaling)
+        if self._fused_path_applies(x2d):
+            out = lora_linear(x2d, self.weight, self.bias, lora_a, lora_b, self.scaling)
+        else:  # dropout, autocast or mixed dtypes: the same math from ordinary ops
+            out = F.linear(x2d, self.weight, self.bias)
+            lora_in = x2d if self.lora_dropout is None else self.lora_dropout(x2d)
+            hidden = F.linear(lora_in.to(lora_a.dtype), lora_a)                # [tokens, r]
+            out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).t(), alpha=self.scaling)
         return out.view(*lead, self.out_features)
+
+    def _fused_path_applies(self, x2d: torch.Tensor) -> bool:
+        dtypes = {x2d.dtype, self.weight.dtype, self.lora_A.weight.dtype, self.lora_B.weight.dtype}
+        if self.bias is not None:
+            dtypes.add(self.bias.dtype)
+        return (self.lora_dropout is None or not self.training) and len(dtypes) == 1 \
+            and not torch.is_autocast_enabled(x2d.device.type)
 
     def delta_weight(self, lora_a: torch.Tensor | None = None,
                      lora_b: torch.Tensor | None = None) -> torch.Tensor:

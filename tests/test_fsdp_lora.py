@@ -134,24 +134,65 @@ def test_meta_model_draws_lora_at_materialization():
             assert torch.equal(value, expected[name]), name
 
 
-def test_forward_is_two_gemms_and_one_accumulate():
-    from torch.utils._python_dispatch import TorchDispatchMode
+class RecordOps:
+    """The aten ops run inside the block, minus free ones (views, transposes)."""
 
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
+    FREE = {"view", "t", "_unsafe_view", "detach", "reshape", "transpose", "contiguous"}
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
 
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    @property
+    def compute(self):
+        return sorted(op for op in self.ops if op not in self.FREE)
+
+
+def test_forward_and_backward_do_no_output_sized_elementwise_work():
     layer = apply_lora_to_fsdp_model(build_llama(), CONFIG).model.layers[0].mlp.up_proj
     x = torch.randn(2, 5, 48, requires_grad=True)
-    with RecordOps() as recorder:
-        layer(x)
-    compute = [op for op in recorder.ops if op not in ("view", "t", "_unsafe_view", "detach")]
-    assert sorted(compute) == ["addmm_", "mm", "mm"], recorder.ops
+    with RecordOps() as forward:
+        y = layer(x)
+    assert forward.compute == ["addmm_", "mm", "mm"], forward.ops      # base, x A^T, += s h B^T
+    grad = torch.ones_like(y)
+    with RecordOps() as backward:
+        y.backward(grad)
+    # g B, g W (+= g_h A in place), g_h^T x, g^T h; the two mul_ scale [tokens, r] and [out, r]
+    assert backward.compute == ["addmm_", "mm", "mm", "mm", "mm", "mul_", "mul_"], backward.ops
+
+
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_layer_gradients_equal_autograd_of_the_plain_formula(base_trains):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, dtype=torch.float64)
+    layer = LoRALinear.from_linear(linear, LoRAConfig(r=3, alpha=5, use_rslora=True), "layer")
+    torch.nn.init.normal_(layer.lora_B.weight)
+    linear.weight.requires_grad_(base_trains)
+    linear.bias.requires_grad_(base_trains)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight] + \
+        ([layer.weight, layer.bias] if base_trains else [])
+    grad = torch.randn(2, 4, 5, dtype=torch.float64)
+    ours = torch.autograd.grad(layer(x), params, grad)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling * (
+        x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    expected = torch.autograd.grad(plain, params, grad)
+    for name, a, b in zip(["x", "A", "B", "W", "b"], ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert torch.autograd.gradcheck(lambda v: layer(v), (x,))
 
 
 # ------------------------------------------------------------------ parity with peft
