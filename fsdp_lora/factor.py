@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from fsdp_lora.full_params import copy_full_value_
+
 INITS = ("zeros", "kaiming", "gaussian")
 
 
@@ -52,20 +54,6 @@ def draw_factor(shape: tuple[int, int], init: str, seed: int, module_name: str) 
     if init == "gaussian":
         return nn.init.normal_(value, std=1.0 / shape[0], generator=generator)
     raise ValueError(f"{module_name}: unknown LoRA init {init!r}; expected one of {INITS}")
-
-
-def copy_full_value_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Write `full` (the whole, unsharded value) into `param`, which may be a DTensor shard
-    (FSDP2): each rank keeps its own slice, with no communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        # src_data_rank=None: every rank already holds `full`; slice locally, send nothing.
-        local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
-                                  src_data_rank=None).to_local()
-        param.to_local().copy_(local)
-    else:
-        param.copy_(full)
 
 
 class LoRAFactor(nn.Module):

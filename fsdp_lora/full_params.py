@@ -19,8 +19,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fsdp_lora.factor import copy_full_value_
-
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 __all__ = ["hf_module_name", "full_value", "copy_full_value_", "owned_modules",
@@ -52,6 +50,20 @@ def full_value(param: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
         return param.detach().full_tensor()
     return param.detach()
+
+
+def copy_full_value_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write `full` (the whole, unsharded value) into `param`, which may be a DTensor shard
+    (FSDP2): each rank keeps its own slice, with no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank already holds `full`; slice locally, send nothing.
+        local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                  src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
 
 
 def _reshard_fsdp2(model: nn.Module) -> None:

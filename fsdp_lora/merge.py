@@ -78,7 +78,8 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     its weight, without changing the model: what a rollout engine loads.
 
     One parameter is gathered at a time (FSDP2), or one FSDP1 unit is summoned at a time;
-    LoRA factors are not yielded, tied parameters once. Under FSDP every rank must run the
+    LoRA factors are not yielded, tied parameters once; adapters count whatever
+    `disable_lora` says. Under FSDP every rank must run the
     loop to the end (the gathers are collectives). Tensors of an unsharded model may share
     storage with the model: copy them before changing them.
     """

@@ -9,8 +9,6 @@ The test process trains the same model without FSDP and compares.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -218,14 +216,12 @@ def test_fsdp2_merge_disable_and_unmerge(ranks, reference, probe):
 def test_adapter_saved_under_fsdp_loads_everywhere(ranks, reference, probe, backend):
     from peft import PeftModel
 
-    from fsdp_lora import load_peft_adapter as load
-
     (rank0, rank1), tmp = ranks
     # every rank read the adapter back into a fresh sharded model
     assert_same_tensors(rank0[backend]["loaded_lora"], rank0[backend]["final_lora"], atol=0)
     assert_same_tensors(rank1[backend]["loaded_lora"], rank0[backend]["final_lora"], atol=0)
     expected = logits(reference["model"], probe)
-    single = load(apply_lora_to_fsdp_model(build_llama(), CONFIG), tmp / backend)
+    single = load_peft_adapter(apply_lora_to_fsdp_model(build_llama(), CONFIG), tmp / backend)
     torch.testing.assert_close(logits(single.eval(), probe), expected, atol=1e-5, rtol=1e-4)
     peft_model = PeftModel.from_pretrained(build_llama(), str(tmp / backend))
     torch.testing.assert_close(logits(peft_model.eval(), probe), expected, atol=1e-5, rtol=1e-4)
