@@ -55,6 +55,8 @@ class LoRAConfig:
         object.__setattr__(self, "target_modules", _names(self.target_modules, "target_modules"))
         object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules") or ())
         self._validate()
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -3,7 +3,8 @@
     results = run_on_ranks(fn, world_size=2, args=(cfg,))
 
 `fn` must be importable by name (a module-level function). Each rank runs `setup()` first if
-given (before the process group exists), joins a gloo process group on a free local port, and
+given (before the process group exists), joins a gloo process group (rendezvous through a
+file, so no port can be taken by another process in between), and
 calls `fn(*args, **kwargs)`; `megatron_lora.launch.run_on_ranks` adds Megatron's parallel
 state on top. The per-rank return values come back as a list indexed by rank (they travel
 through `torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
@@ -18,7 +19,8 @@ import io
 import multiprocessing
 import os
 import queue
-import socket
+import shutil
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -30,27 +32,20 @@ class RankError(RuntimeError):
     """A rank raised; the message holds its traceback."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serialize(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
 
 
-def _rank_main(rank, world_size, port, setup, fn, args, kwargs, results, timeout):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _rank_main(rank, world_size, store_file, setup, fn, args, kwargs, results, timeout):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         if setup is not None:
             setup()
         torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=world_size,
+            "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
         results.put((rank, True, _serialize(fn(*args, **kwargs))))
@@ -73,12 +68,15 @@ def run_on_ranks(
     """Run `fn(*args, **kwargs)` on `world_size` spawned gloo ranks; return each rank's result."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="run_on_ranks.")
+    store_file = os.path.join(store_dir, "store")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, setup, fn, tuple(args), kwargs or {}, results, timeout),
-            daemon=True,
+            args=(rank, world_size, store_file, setup, fn, tuple(args), kwargs or {}, results, timeout),
+            # Not daemonic: ranks may start processes of their own (Megatron's dist
+            # checkpointing does); the `finally` below kills any rank left running.
+            daemon=False,
         )
         for rank in range(world_size)
     ]
@@ -111,4 +109,5 @@ def run_on_ranks(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     return [outputs[rank] for rank in range(world_size)]

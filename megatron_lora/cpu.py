@@ -11,7 +11,12 @@ megatron-core assumes CUDA in three places that a CPU run meets:
 - the default causal attention mask is built with `device="cuda"`;
 - without apex, the local spec's norm (`WrappedTorchNorm`, plain torch) refuses sequence
   parallelism, because it does not mark its weights `sequence_parallel` as apex's and TE's
-  norms do. The CPU runtime builds the same torch norm and marks them.
+  norms do. The CPU runtime builds the same torch norm and marks them;
+- megatron-core 0.19's DDP waits on `torch.cuda.current_stream()` before reducing grads, and
+  dist checkpointing calls `torch.cuda.synchronize()`; CPU work is synchronous, so a stream
+  whose waits do nothing, and a synchronize that does nothing, are exact;
+- megatron-core 0.16's MoE router reads `te_general_gemm`, a name it defines only when
+  Transformer Engine imports.
 
 `enable()` redirects each of them to the CPU. Nothing happens at import, and nothing happens
 when CUDA is available, so calling it unconditionally from a script is safe.
@@ -30,6 +35,30 @@ _ENABLED = False
 
 def _cpu_device() -> torch.device:
     return torch.device("cpu")
+
+
+class _SynchronousStream:
+    """What `torch.cuda.current_stream()` returns on CPU: all work is already ordered."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_SYNCHRONOUS_STREAM = _SynchronousStream()
+
+
+def _current_stream(*args, **kwargs) -> _SynchronousStream:
+    return _SYNCHRONOUS_STREAM
+
+
+def _synchronize(*args, **kwargs) -> None:
+    pass
 
 
 def _get_cpu_rng_state(*args, **kwargs) -> torch.Tensor:
@@ -121,6 +150,8 @@ def enable() -> None:
 
     # Every CUDA allocation in megatron-core names its device through this one call.
     torch.cuda.current_device = _cpu_device
+    torch.cuda.current_stream = _current_stream
+    torch.cuda.synchronize = _synchronize
     mrandom.CudaRNGStatesTracker = _cpu_tracker_class()
     mrandom._get_cuda_rng_state = _get_cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
@@ -128,6 +159,10 @@ def enable() -> None:
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
     WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # what megatron-core means by "no TE GEMM"
     _ENABLED = True
 
 

@@ -29,3 +29,21 @@ def unshard(shards: Sequence[torch.Tensor], dim: int, stride: int = 1) -> torch.
     pieces = [s.chunk(stride, dim=dim) for s in shards]
     # Chunk j of the full tensor is piece j // world of rank j % world.
     return torch.cat([pieces[j % world][j // world] for j in range(world * stride)], dim=dim)
+
+
+def full_tensor(param: torch.Tensor, group) -> torch.Tensor:
+    """The unsharded value of a parameter carrying Megatron's TP attributes
+    (`tensor_model_parallel`, `partition_dim`, `partition_stride`): an all-gather over `group`
+    for a split one, a copy for a replicated one. Call on every rank of `group`."""
+    if not getattr(param, "tensor_model_parallel", False) or group is None or group.size() == 1:
+        return param.detach().clone()
+    shards = [torch.empty_like(param) for _ in range(group.size())]
+    torch.distributed.all_gather(shards, param.detach().contiguous(), group=group)
+    return unshard(shards, param.partition_dim, param.partition_stride)
+
+
+def local_shard(full: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:
+    """This rank's slice of `full` laid out like `param` (inverse of `full_tensor`)."""
+    if not getattr(param, "tensor_model_parallel", False) or group is None or group.size() == 1:
+        return full
+    return shard(full, param.partition_dim, group.rank(), group.size(), param.partition_stride)

@@ -3,10 +3,12 @@
 #   scripts/venv.sh VENV_DIR PYTHON_VERSION CONSTRAINTS_FILE
 set -euo pipefail
 venv=$1 pyver=$2 constraints=$3
-cd "$(dirname "$0")/.."
+self=$(readlink -f "$0")
+cd "$(dirname "$self")/.."
 
-# The venv is current when it was built from these exact constraints and this pyproject.
-want=$(cat "$constraints" pyproject.toml | sha256sum | cut -c1-16)
+# The venv is current when it was built by this script from these constraints and pyproject.
+# (The editable install is in "compat" mode, a path entry, so new packages need no reinstall.)
+want=$(cat "$constraints" pyproject.toml "$self" | sha256sum | cut -c1-16)
 if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$want" ]; then
     exit 0
 fi
@@ -29,5 +31,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "installing into $venv from $constraints"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c "$constraints" -e ".[megatron,test]"
+    -c "$constraints" --config-settings editable_mode=compat -e ".[megatron,test]"
 echo "$want" > "$venv/.installed"

@@ -100,3 +100,31 @@ class Geometry:
     @property
     def qkv_out(self) -> int:
         return (self.heads + 2 * self.groups) * self.kv_channels
+
+
+def te_spec():
+    """The Transformer Engine layer spec. Needs TE, or `te_emulation.enable()` as the rank's
+    launcher `setup` (before megatron is imported)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+# The TE spec fuses the pre-attention and pre-MLP norms into linear_qkv and linear_fc1; every
+# other parameter has the same name in both specs.
+TE_TO_LOCAL_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def te_to_local_name(name: str) -> str:
+    """The local-spec name of a TE-spec parameter, e.g.
+    `decoder.layers.0.self_attention.linear_qkv.layer_norm_weight` ->
+    `decoder.layers.0.input_layernorm.weight`."""
+    for te_suffix, local_suffix in TE_TO_LOCAL_NAMES.items():
+        if name.endswith(te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name

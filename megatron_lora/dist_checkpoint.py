@@ -1,0 +1,78 @@
+"""Megatron dist checkpoints of LoRA models, resharding across TP sizes.
+
+The LoRA linears describe every adapter tensor with its true TP split in
+`sharded_state_dict` (see `LoRAParallelLinear.sharded_state_dict`), so
+`megatron.core.dist_checkpointing` saves every shard and reloads at any TP size. These two
+helpers add what a LoRA run needs on top: loading a base-only checkpoint into a LoRA model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_lora.lora_layer import model_chunks
+
+
+def _sharded_state_dict(model) -> dict:
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save_dist_checkpoint(model, ckpt_dir: str) -> None:
+    """Save the whole model (base and adapters), every TP shard, with Megatron's dist
+    checkpointing. Call on every rank."""
+    from megatron.core import dist_checkpointing
+
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(_sharded_state_dict(model), str(ckpt_dir))
+
+
+def _is_adapter_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
+    """Load a dist checkpoint saved at any TP size into the model, on every rank.
+
+    A checkpoint without adapters (a base model's) loads too: the adapters keep their init.
+    Any other tensor missing from the checkpoint is an error naming it, raised before the
+    model is touched. Returns the adapter keys that were not in the checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_matching_values
+
+    sharded = _sharded_state_dict(model)
+    saved = set(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
+
+    def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
+        return isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and entry.key not in saved
+
+    missing, present = extract_matching_values(sharded, is_missing)
+    missing_keys = sorted({entry.key for entry in _leaves(missing)})
+    not_adapters = [key for key in missing_keys if not _is_adapter_key(key)]
+    if not_adapters:
+        raise ValueError(f"{ckpt_dir}: checkpoint lacks tensor(s) {not_adapters}")
+    loaded = dist_checkpointing.load(present, str(ckpt_dir))
+    for index, chunk in enumerate(model_chunks(model)):
+        state = loaded if len(model_chunks(model)) == 1 else loaded[f"model{index}"]
+        result = chunk.load_state_dict(state, strict=False)
+        unexpected = list(result.unexpected_keys)
+        absent = [k for k in result.missing_keys if not _is_adapter_key(k)
+                  and not k.endswith("_extra_state")]
+        if unexpected or absent:
+            raise RuntimeError(f"{ckpt_dir}: state dict mismatch after load: unexpected "
+                               f"{unexpected}, missing {absent}")
+    return missing_keys
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+    else:
+        yield tree

@@ -1,0 +1,88 @@
+"""GPT layer specs with LoRA: the `--spec megatron_lora get_gpt_lora_spec` entry point.
+
+slime's model provider imports the function named by `--spec` and calls it as
+`fn(args, config, vp_stage)`; the returned spec replaces the default one. Without
+`--lora-base-spec`, the base is the spec slime (and Megatron-LM) would build by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_common import LoRAConfig
+from megatron_lora.spec import lora_spec
+
+
+def gpt_lora_spec(
+    config: Any,
+    lora: LoRAConfig | None = None,
+    *,
+    use_transformer_engine: bool | None = None,
+    num_experts: int | None = None,
+    vp_stage: int | None = None,
+    **layer_spec_kwargs: Any,
+) -> Any:
+    """The plain-Python form: Megatron's default GPT spec for `config` (a TransformerConfig),
+    with LoRA. TE spec when Transformer Engine imports (unless `use_transformer_engine` says
+    otherwise); the MoE decoder block spec when `num_experts` is set. Extra keyword arguments go
+    to Megatron's layer-spec function (e.g. `qk_layernorm=True`)."""
+    return lora_spec(
+        default_gpt_spec(config, use_transformer_engine=use_transformer_engine,
+                         num_experts=num_experts, vp_stage=vp_stage, **layer_spec_kwargs),
+        lora or LoRAConfig(),
+    )
+
+
+def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> Any:
+    """`--spec megatron_lora get_gpt_lora_spec`: the base spec (from `--lora-base-spec MODULE
+    FUNCTION`, called like `--spec` functions, or Megatron's default GPT spec) with LoRA
+    configured by the `--lora-*` flags."""
+    lora = LoRAConfig.from_args(args)
+    base_spec = getattr(args, "lora_base_spec", None)
+    if base_spec:
+        from megatron.core.transformer.spec_utils import import_module
+
+        if len(base_spec) != 2:
+            raise ValueError(f"--lora-base-spec takes MODULE FUNCTION, got {base_spec!r}")
+        base = import_module(tuple(base_spec))
+        if base is None:
+            raise ValueError(f"--lora-base-spec {' '.join(base_spec)}: cannot import it")
+        if callable(base):
+            base = base(args, config, vp_stage)
+        return lora_spec(base, lora)
+    use_te = None
+    if getattr(args, "transformer_impl", "transformer_engine") != "transformer_engine":
+        use_te = False
+    spec_flags = {name: getattr(args, name, None) for name in
+                  ("moe_grouped_gemm", "qk_layernorm", "multi_latent_attention",
+                   "moe_use_legacy_grouped_gemm")}
+    return gpt_lora_spec(config, lora, use_transformer_engine=use_te,
+                         num_experts=getattr(args, "num_experts", None), vp_stage=vp_stage,
+                         **spec_flags)
+
+
+def default_gpt_spec(config: Any, *, use_transformer_engine: bool | None = None,
+                     num_experts: int | None = None, vp_stage: int | None = None,
+                     **layer_spec_kwargs: Any) -> Any:
+    """The spec slime's model provider builds when `--spec` is not given."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = te_available()
+    # Pass only flags that are set: megatron-core 0.19 dropped some of 0.16's arguments
+    # (moe_use_legacy_grouped_gemm), whose default was off.
+    flags = {k: v for k, v in layer_spec_kwargs.items() if v}
+    if num_experts:
+        kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_transformer_engine, **kwargs)
+    if use_transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**flags)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, **flags)
+
+
+def te_available() -> bool:
+    """Whether megatron-core found Transformer Engine when it was imported."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))

@@ -1,0 +1,120 @@
+"""LoRA as one more declared part of a Megatron layer spec.
+
+`lora_spec(spec, config)` returns a copy of a layer spec (or a block spec) in which every
+target submodule's class is swapped for its LoRA subclass, and the layer's own class for the
+LoRA layer class that gives each adapter its A once the layer is built. Nothing else changes,
+so the model keeps every base name and Megatron's sharded-state-dict maps still match.
+
+A spec is a tree of `ModuleSpec`s and `*Submodules` dataclasses; megatron-core 0.19 also uses
+`functools.partial(Cls.as_..._submodule, submodules=...)` for some nodes. The walk looks
+inside all three, so specs from other packages (slime's, MoE block specs) work too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from megatron_lora.lora_layer import lora_layer_class
+from megatron_lora.lora_linear import lora_linear_class, supports_lora
+
+
+def lora_spec(spec: Any, config: LoRAConfig) -> Any:
+    """Transform a `ModuleSpec` (one layer) or a `TransformerBlockSubmodules` (a list of
+    layers) so that the model built from it carries LoRA. Idempotent.
+
+    Raises `ValueError` when a target names no submodule (listing the linear submodules
+    that do exist) and when a target is a class LoRA does not support.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    config = config.resolve_targets(MEGATRON_TARGET_MODULES)
+    walk = _SpecWalk(config)
+    if isinstance(spec, TransformerBlockSubmodules):
+        result = dataclasses.replace(spec, layer_specs=[walk.layer(s) for s in spec.layer_specs])
+    elif isinstance(spec, ModuleSpec):
+        result = walk.layer(spec)
+    else:
+        raise TypeError(f"lora_spec takes a ModuleSpec or TransformerBlockSubmodules, "
+                        f"got {type(spec).__name__}")
+    missing = [t for t in config.target_modules if t not in walk.found]
+    if missing:
+        raise ValueError(f"LoRA target module(s) {missing} match no submodule of the spec; "
+                         f"its linear submodules are {sorted(walk.linears)}")
+    return result
+
+
+class _SpecWalk:
+    """One pass over a spec tree, remembering which targets it found."""
+
+    def __init__(self, config: LoRAConfig):
+        self.config = config
+        self.found: set[str] = set()
+        self.linears: set[str] = set()  # every field holding a parallel linear, for errors
+
+    def layer(self, spec):
+        """A layer spec: its submodules transformed, its own class made a LoRA layer."""
+        spec = self.node(spec, path="")
+        if isinstance(spec.module, type):
+            spec = dataclasses.replace(spec, module=lora_layer_class(spec.module, self.config))
+        return spec
+
+    def node(self, node, path: str):
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        if isinstance(node, ModuleSpec):
+            return dataclasses.replace(node, submodules=self.node(node.submodules, path))
+        if isinstance(node, functools.partial):
+            keywords = {k: self.node(v, path) for k, v in node.keywords.items()}
+            return functools.partial(node.func, *node.args, **keywords)
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            return self.submodules(node, path)
+        if isinstance(node, (list, tuple)):
+            return type(node)(self.node(item, path) for item in node)
+        return node
+
+    def submodules(self, node, path: str):
+        changes = {}
+        for field in dataclasses.fields(node):
+            if not field.init:
+                continue
+            value = getattr(node, field.name)
+            where = f"{path}.{field.name}" if path else field.name
+            if supports_lora(_module_class(value)):
+                self.linears.add(field.name)
+            if field.name in self.config.target_modules:
+                changes[field.name] = self.target(value, where)
+                self.found.add(field.name)
+            else:
+                changes[field.name] = self.node(value, where)
+        return dataclasses.replace(node, **changes)
+
+    def target(self, value, where: str):
+        """The LoRA version of a target submodule: a class, a ModuleSpec of a class, or a
+        partial of a class."""
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        cls = _module_class(value)
+        if cls is None or not supports_lora(cls):
+            raise ValueError(f"LoRA target {where!r} is {getattr(cls, '__name__', cls)!r}, "
+                             f"not a Megatron parallel linear LoRA supports")
+        lora_cls = lora_linear_class(cls, self.config)
+        if isinstance(value, ModuleSpec):
+            return dataclasses.replace(value, module=lora_cls)
+        if isinstance(value, functools.partial):
+            return functools.partial(lora_cls, *value.args, **value.keywords)
+        return lora_cls
+
+
+def _module_class(value):
+    """The class a spec entry builds, if it is a class, a ModuleSpec of one, or a partial."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(value, ModuleSpec):
+        value = value.module
+    if isinstance(value, functools.partial):
+        value = value.func
+    return value if isinstance(value, type) else None

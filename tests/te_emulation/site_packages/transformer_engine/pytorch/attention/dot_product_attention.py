@@ -1,0 +1,176 @@
+"""`transformer_engine.pytorch.DotProductAttention` (TE v2.11
+`attention/dot_product_attention/dot_product_attention.py`), computed the way TE's
+UnfusedDotProductAttention backend does: softmax(scale * Q K^T + mask) V with fp32 softmax.
+
+Each rank holds `num_attention_heads / tp` query heads and `num_gqa_groups / tp` key/value heads
+(GQA: each key/value head serves `heads / groups` consecutive query heads). Formats sbhd and
+bshd; output [s, b, h * d] (sbhd) or [b, s, h * d] (bshd). Masks: "no_mask", "causal" (top-left
+aligned), "causal_bottom_right", "padding", "padding_causal", "arbitrary" (`attention_mask` True
+= masked out), plus a post-scale bias. Attention dropout runs under the RNG tracker's fork unless
+sequence parallel (as in TE). Not emulated: THD / packed sequences, sliding windows, context
+parallelism, FP8 attention, non-vanilla softmax, returning the max logit.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from ..module.base import TransformerEngineBaseModule
+from ..distributed import get_distributed_world_size
+
+
+def _causal_mask(sq: int, sk: int, bottom_right: bool, device) -> torch.Tensor:
+    """True above the diagonal (masked), aligned top-left or bottom-right."""
+    offset = sk - sq if bottom_right else 0
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(diagonal=1 + offset)
+
+
+class DotProductAttention(TransformerEngineBaseModule):
+    """Scaled dot-product attention over per-rank heads."""
+
+    def __init__(
+        self,
+        num_attention_heads: int,
+        kv_channels: Union[int, Tuple[int, int]],
+        num_gqa_groups: Optional[int] = None,
+        attention_dropout: float = 0.0,
+        qkv_format: str = "sbhd",
+        attn_mask_type: str = "causal",
+        window_size: Optional[Tuple[int, int]] = None,
+        sequence_parallel: bool = False,
+        tp_size: int = 1,
+        get_rng_state_tracker: Optional[Callable] = None,
+        tp_group=None,
+        layer_number: Optional[int] = None,
+        attention_type: str = "self",
+        cp_group=None,
+        cp_global_ranks=None,
+        cp_stream=None,
+        cp_comm_type: str = "p2p",
+        softmax_scale: Optional[float] = None,
+        softmax_type: str = "vanilla",
+        return_max_logit: Optional[bool] = False,
+    ) -> None:
+        super().__init__()
+        if cp_group is not None and get_distributed_world_size(cp_group) > 1:
+            raise NotImplementedError("context parallelism is not emulated")
+        if softmax_type != "vanilla" or return_max_logit:
+            raise NotImplementedError("only vanilla softmax is emulated")
+        self.qkv_format = qkv_format
+        attn_mask_type = attn_mask_type.replace(",", "_")
+        if attn_mask_type == "causal_padding":
+            attn_mask_type = "padding_causal"
+        self.attn_mask_type = attn_mask_type
+        self._check_window(window_size)
+        if tp_group is None:
+            self.tp_size = tp_size
+            if tp_size == 1:
+                self.set_tensor_parallel_group(tp_group)
+        else:
+            self.tp_size = get_distributed_world_size(tp_group)
+            self.set_tensor_parallel_group(tp_group)
+        self.num_attention_heads = num_attention_heads
+        self.num_gqa_groups = num_attention_heads if num_gqa_groups is None else num_gqa_groups
+        assert num_attention_heads % self.num_gqa_groups == 0, (
+            "The number of attention heads must be divisible by the number of GQA groups!")
+        self.num_gqa_groups_per_partition = self.num_gqa_groups // self.tp_size
+        self.layer_number = 1 if layer_number is None else layer_number
+        self.attention_type = attention_type
+        self.attention_dropout = attention_dropout
+        self.softmax_type = softmax_type
+        self.get_rng_state_tracker = get_rng_state_tracker
+        k_channels = kv_channels if isinstance(kv_channels, int) else kv_channels[0]
+        self.softmax_scale = 1.0 / math.sqrt(k_channels) if softmax_scale is None else softmax_scale
+        if sequence_parallel or get_rng_state_tracker is None:
+            self.attention_dropout_ctx = nullcontext
+        else:
+            self.attention_dropout_ctx = get_rng_state_tracker().fork
+
+    @staticmethod
+    def _check_window(window_size) -> None:
+        if window_size is not None and tuple(window_size) not in ((-1, -1), (-1, 0)):
+            raise NotImplementedError("sliding-window attention is not emulated")
+
+    def forward(
+        self,
+        query_layer: torch.Tensor,
+        key_layer: torch.Tensor,
+        value_layer: torch.Tensor,
+        attention_mask=None,
+        qkv_format: Optional[str] = None,
+        cu_seqlens_q=None,
+        cu_seqlens_kv=None,
+        cu_seqlens_q_padded=None,
+        cu_seqlens_kv_padded=None,
+        max_seqlen_q=None,
+        max_seqlen_kv=None,
+        attn_mask_type: Optional[str] = None,
+        window_size=None,
+        checkpoint_core_attention: bool = False,
+        core_attention_bias_type: str = "no_bias",
+        core_attention_bias: Optional[torch.Tensor] = None,
+        alibi_slopes=None,
+        fast_zero_fill: bool = True,
+        inference_params=None,
+        pad_between_seqs=None,
+        fp8_output: Optional[bool] = False,
+        num_splits: Optional[int] = 1,
+    ) -> torch.Tensor:
+        qkv_format = self.qkv_format if qkv_format is None else qkv_format
+        if qkv_format not in ("sbhd", "bshd") or cu_seqlens_q is not None:
+            raise NotImplementedError("only sbhd/bshd attention without cu_seqlens is emulated")
+        if inference_params is not None or alibi_slopes is not None:
+            raise NotImplementedError("KV-cache inference and ALiBi are not emulated")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        mask_type = mask_type.replace(",", "_")
+        self._check_window(window_size)
+        if qkv_format == "sbhd":  # compute in [b, h, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query_layer, key_layer, value_layer))
+        else:
+            q, k, v = (t.permute(0, 2, 1, 3) for t in (query_layer, key_layer, value_layer))
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        if core_attention_bias_type == "post_scale_bias":
+            scores = scores + core_attention_bias.float()
+        elif core_attention_bias_type != "no_bias":
+            raise NotImplementedError(f"{core_attention_bias_type} is not emulated")
+        masked = self._mask(mask_type, attention_mask, scores.shape[-2], scores.shape[-1],
+                            scores.device)
+        if masked is not None:  # a finite fill, as TE's unfused softmax: no NaN on padded rows
+            scores = scores.masked_fill(masked, -10000.0)
+        probs = torch.softmax(scores, dim=-1)
+        if masked is not None and "padding" in mask_type:
+            probs = probs.masked_fill(masked, 0.0)
+        probs = probs.to(q.dtype)
+        if self.training and self.attention_dropout > 0:
+            with self.attention_dropout_ctx():
+                probs = torch.nn.functional.dropout(probs, p=self.attention_dropout)
+        out = torch.matmul(probs, v)  # [b, h, sq, d]
+        if qkv_format == "sbhd":
+            out = out.permute(2, 0, 1, 3)
+        else:
+            out = out.permute(0, 2, 1, 3)
+        return out.reshape(*out.shape[:2], -1)
+
+    @staticmethod
+    def _mask(mask_type: str, attention_mask, sq: int, sk: int, device):
+        if mask_type == "no_mask":
+            return None
+        masked = None
+        if "causal" in mask_type:
+            masked = _causal_mask(sq, sk, mask_type.endswith("bottom_right"), device)
+        if "padding" in mask_type or mask_type == "arbitrary":
+            if isinstance(attention_mask, (tuple, list)):  # (q mask, kv mask): [b, 1, 1, s]
+                q_mask, kv_mask = attention_mask
+                extra = q_mask.transpose(-1, -2) | kv_mask
+            else:
+                extra = attention_mask
+            if extra is not None:
+                masked = extra if masked is None else masked | extra
+        return masked

@@ -1,0 +1,1 @@
+from . import Float8Tensor  # noqa: F401

@@ -1,0 +1,1 @@
+from . import MXFP8Tensor  # noqa: F401

@@ -1,0 +1,115 @@
+"""LoRA layers in Megatron specs: B = 0 is the base model, both routes build the same model,
+the init does not depend on TP, and the parameter attributes and count are right."""
+
+import pytest
+import torch
+
+import lora_helpers
+import tiny_gpt
+from lora_common import LoRAConfig
+from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+
+CONFIG = LoRAConfig(r=4, alpha=8)
+LAYOUTS = [(2, True), (2, False), (1, False)]
+
+
+def build_and_compare():
+    from megatron_lora import apply_lora_to_megatron_model, get_lora_parameters, lora_spec
+
+    out = {}
+    for tp, sp in LAYOUTS:
+        initialize_model_parallel(tp=tp)
+        plain = tiny_gpt.build_gpt(sequence_parallel=sp)
+        spec_model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), sequence_parallel=sp)
+        posthoc = apply_lora_to_megatron_model(tiny_gpt.build_gpt(sequence_parallel=sp), CONFIG)
+        plain_state, spec_state = tiny_gpt.full_state(plain), tiny_gpt.full_state(spec_model)
+        lora = get_lora_parameters(spec_model)
+        out[(tp, sp)] = dict(
+            b0_logits_equal=torch.equal(tiny_gpt.logits(plain), tiny_gpt.logits(spec_model)),
+            base_weights_equal=all(torch.equal(v, spec_state[k]) for k, v in plain_state.items()),
+            base_names_kept=set(plain_state) <= set(spec_state),
+            extra_names=sorted(set(spec_state) - set(plain_state)),
+            routes_equal=[(k, v.shape) for k, v in spec_state.items()]
+            == [(k, v.shape) for k, v in tiny_gpt.full_state(posthoc).items()]
+            and all(torch.equal(v, tiny_gpt.full_state(posthoc)[k]) for k, v in spec_state.items()),
+            lora_full=lora_helpers.full_state(lora),
+            attributes={name: (getattr(p, "tensor_model_parallel"), getattr(p, "partition_dim"),
+                               getattr(p, "partition_stride"), getattr(p, "sequence_parallel", False))
+                        for name, p in lora.items()},
+            trainable_local=sum(p.numel() for p in posthoc.parameters() if p.requires_grad),
+            frozen_base_in_layers=all(not p.requires_grad for n, p in spec_model.named_parameters()
+                                      if ".layers." in n and ".lora_" not in n),
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def built():
+    return run_on_ranks(build_and_compare, world_size=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_b_zero_is_the_base_model_bit_for_bit(built, layout):
+    for rank in built:
+        assert rank[layout]["b0_logits_equal"]
+        assert rank[layout]["base_weights_equal"]  # the global RNG stream was not consumed
+        assert rank[layout]["base_names_kept"]
+
+
+def test_only_lora_names_are_added(built):
+    extra = built[0][(1, False)]["extra_names"]
+    assert len(extra) == 2 * 4 * 2  # layers x targets x (A, B)
+    assert all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in extra)
+    assert "decoder.layers.1.mlp.linear_fc1.lora_B.weight" in extra
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_spec_route_equals_posthoc_route(built, layout):
+    assert all(rank[layout]["routes_equal"] for rank in built)
+
+
+def test_lora_init_is_independent_of_tp(built):
+    reference = built[0][(1, False)]["lora_full"]
+    for layout in LAYOUTS:
+        for rank in built:
+            got = rank[layout]["lora_full"]
+            assert got.keys() == reference.keys()
+            for name, value in reference.items():
+                assert torch.equal(got[name], value), (layout, name)
+    # no two adapters share an A
+    a_values = [v for n, v in reference.items() if "lora_A" in n]
+    assert len({tuple(v.flatten()[:8].tolist()) for v in a_values}) == len(a_values)
+    assert all(not v.any() for n, v in reference.items() if "lora_B" in n)
+
+
+def test_parameter_attributes_follow_the_sharding_rule(built):
+    attrs = built[0][(2, True)]["attributes"]
+    layer = "decoder.layers.0."
+    assert attrs[layer + "self_attention.linear_qkv.lora_A.weight"] == (False, -1, 1, True)
+    assert attrs[layer + "self_attention.linear_qkv.lora_B.weight"] == (True, 0, 1, False)
+    assert attrs[layer + "mlp.linear_fc1.lora_B.weight"] == (True, 0, 2, False)  # SwiGLU stride
+    assert attrs[layer + "self_attention.linear_proj.lora_A.weight"] == (True, 1, 1, False)
+    assert attrs[layer + "self_attention.linear_proj.lora_B.weight"] == (False, -1, 1, True)
+    assert attrs[layer + "mlp.linear_fc2.lora_B.weight"] == (False, -1, 1, True)
+    no_sp = built[0][(2, False)]["attributes"]
+    assert not any(sp for *_, sp in no_sp.values())
+
+
+def test_trainable_parameter_count_matches_the_formula(built):
+    g, r = tiny_gpt.Geometry(), CONFIG.r
+    per_layer = (r * (g.hidden + g.qkv_out)          # linear_qkv
+                 + r * (g.hidden + g.hidden)          # linear_proj (q projection size = hidden)
+                 + r * (g.hidden + 2 * g.ffn)         # linear_fc1 (gate and up)
+                 + r * (g.ffn + g.hidden))            # linear_fc2
+    expected = g.layers * per_layer
+    assert built[0][(1, False)]["trainable_local"] == expected
+    # At TP=2 each rank holds the replicated matrices whole and half of each split one.
+    attrs = built[0][(2, False)]["attributes"]
+    full = built[0][(2, False)]["lora_full"]
+    split = sum(full[n].numel() for n, (is_split, *_) in attrs.items() if is_split)
+    assert built[0][(2, False)]["trainable_local"] + built[1][(2, False)]["trainable_local"] \
+        == 2 * expected - split
+
+
+def test_spec_route_freezes_the_layers_base(built):
+    assert all(rank[layout]["frozen_base_in_layers"] for rank in built for layout in LAYOUTS)

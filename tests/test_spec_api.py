@@ -1,0 +1,194 @@
+"""The spec API (`lora_spec`, `get_gpt_lora_spec`, slime's init hook) and bad input."""
+
+import argparse
+
+import pytest
+import torch
+
+import tiny_gpt
+from lora_common import LoRAConfig, add_lora_arguments
+from megatron_lora.launch import run_on_ranks
+
+CONFIG = LoRAConfig(r=4, alpha=8)
+
+
+def megatron_config(**overrides):
+    from megatron.core.transformer import TransformerConfig
+
+    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=96, gated_linear_unit=True, normalization="RMSNorm",
+                  add_bias_linear=False, use_cpu_initialization=True)
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def lora_args(*argv):
+    parser = add_lora_arguments(argparse.ArgumentParser())
+    parser.add_argument("--transformer-impl", default="local")
+    parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--spec", nargs=2)
+    return parser.parse_args(list(argv))
+
+
+def linear_classes(spec):
+    self_attention = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp
+    mlp = mlp.keywords["submodules"] if hasattr(mlp, "keywords") else mlp.submodules
+    return [self_attention.linear_qkv, self_attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2]
+
+
+def test_lora_spec_swaps_only_the_targets_and_the_layer():
+    from megatron_lora import is_lora_linear, lora_spec
+
+    spec = lora_spec(tiny_gpt.local_spec(), LoRAConfig(target_modules=["linear_qkv", "linear_fc2"]))
+    qkv, proj, fc1, fc2 = linear_classes(spec)
+    assert is_lora_linear(qkv) and is_lora_linear(fc2)
+    assert not is_lora_linear(proj) and not is_lora_linear(fc1)
+    assert spec.module.__name__ == "LoRATransformerLayer"
+    assert qkv.__name__ == "LoRAColumnParallelLinear"
+
+
+def test_lora_spec_is_idempotent_and_rejects_a_second_config():
+    from megatron_lora import lora_spec
+
+    once = lora_spec(tiny_gpt.local_spec(), CONFIG)
+    twice = lora_spec(once, CONFIG)
+    assert linear_classes(once) == linear_classes(twice) and once.module is twice.module
+    with pytest.raises(ValueError, match="already carries LoRA with another config"):
+        lora_spec(once, LoRAConfig(r=8))
+
+
+def test_unknown_target_lists_the_linears_that_exist():
+    from megatron_lora import lora_spec
+
+    with pytest.raises(ValueError, match=r"\['linear_qkvv'\] match no submodule.*"
+                                         r"\['linear_fc1', 'linear_fc2', 'linear_proj', 'linear_qkv'\]"):
+        lora_spec(tiny_gpt.local_spec(), LoRAConfig(target_modules=["linear_qkvv"]))
+
+
+def test_target_of_an_unsupported_class_is_named():
+    from megatron_lora import lora_spec
+
+    with pytest.raises(ValueError, match=r"'self_attention.core_attention' is 'DotProductAttention'"):
+        lora_spec(tiny_gpt.local_spec(), LoRAConfig(target_modules=["core_attention"]))
+
+
+def test_get_gpt_lora_spec_reads_the_flags():
+    from megatron_lora import get_gpt_lora_spec
+
+    spec = get_gpt_lora_spec(lora_args("--lora-r", "2", "--lora-target-modules", "linear_fc1"),
+                             megatron_config())
+    qkv, _, fc1, _ = linear_classes(spec)
+    assert fc1.lora_config == LoRAConfig(r=2, target_modules=("linear_fc1",))
+    assert not hasattr(qkv, "lora_config")
+
+
+def custom_base_spec(args, config, vp_stage):
+    """A --lora-base-spec function, called like slime calls --spec functions."""
+    spec = tiny_gpt.local_spec()
+    spec.params["marker"] = (args.lora_r, config.hidden_size, vp_stage)
+    return spec
+
+
+def test_get_gpt_lora_spec_wraps_the_base_spec_flag():
+    from megatron_lora import get_gpt_lora_spec
+
+    args = lora_args("--lora-base-spec", "test_spec_api", "custom_base_spec")
+    spec = get_gpt_lora_spec(args, megatron_config(), 3)
+    assert spec.params["marker"] == (16, 64, 3)
+    assert spec.module.__name__ == "LoRATransformerLayer"
+    with pytest.raises(ValueError, match="--lora-base-spec no_such_module fn"):
+        get_gpt_lora_spec(lora_args("--lora-base-spec", "no_such_module", "fn"), megatron_config())
+
+
+def test_custom_megatron_init_points_slime_at_the_lora_spec():
+    from megatron_lora import custom_megatron_init
+
+    args = lora_args("--use-lora")
+    custom_megatron_init(args)
+    assert args.spec == ["megatron_lora", "get_gpt_lora_spec"]
+    assert args.only_train_params_name_list == [r"\.lora_[AB]\.weight$"]
+
+    args = lora_args("--use-lora", "--no-lora-only-trainable", "--spec", "pkg.mod", "fn")
+    custom_megatron_init(args)
+    assert args.lora_base_spec == ["pkg.mod", "fn"] and args.spec[0] == "megatron_lora"
+    assert not hasattr(args, "only_train_params_name_list")
+
+    untouched = lora_args()
+    custom_megatron_init(untouched)
+    assert untouched.spec is None
+
+    with pytest.raises(ValueError, match="both --spec pkg.mod fn and --lora-base-spec"):
+        custom_megatron_init(lora_args("--use-lora", "--spec", "pkg.mod", "fn",
+                                       "--lora-base-spec", "a", "b"))
+
+
+def posthoc_cases():
+    from megatron_lora import apply_lora_to_megatron_model, get_lora_parameters, lora_spec
+
+    out = {}
+    model = tiny_gpt.build_gpt()
+    for name, targets in [("unknown", ["linear_qkvv"]), ("unsupported", ["word_embeddings"])]:
+        try:
+            apply_lora_to_megatron_model(model, LoRAConfig(target_modules=targets))
+        except ValueError as error:
+            out[name] = str(error)
+    out["untouched_after_errors"] = not get_lora_parameters(model)
+
+    apply_lora_to_megatron_model(model, CONFIG)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    apply_lora_to_megatron_model(model, CONFIG)  # same config: a no-op
+    out["idempotent"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    try:
+        apply_lora_to_megatron_model(model, LoRAConfig(r=8))
+    except ValueError as error:
+        out["second_config"] = str(error)
+    out["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad) \
+        == sorted(get_lora_parameters(model))
+
+    # Excluding one module by its path: both routes skip exactly that one.
+    excluded = LoRAConfig(r=4, exclude_modules=["decoder.layers.1.mlp.linear_fc2"])
+    spec_names = set(get_lora_parameters(tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), excluded))))
+    posthoc_names = set(get_lora_parameters(apply_lora_to_megatron_model(tiny_gpt.build_gpt(), excluded)))
+    out["excluded"] = (spec_names == posthoc_names, len(spec_names),
+                       any("layers.1.mlp.linear_fc2" in n for n in spec_names))
+
+    # MoE: --num-experts builds the MoE decoder block spec (local SequentialMLP experts),
+    # every layer carries LoRA, and B = 0 is still the base model.
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_lora import get_gpt_lora_spec
+
+    config = tiny_gpt.transformer_config(num_moe_experts=4, moe_router_topk=2)
+    block = get_gpt_lora_spec(lora_args("--num-experts", "4", "--lora-r", "4", "--lora-alpha", "8"),
+                              config)
+    out["moe_layers"] = [layer.module.__name__ for layer in block.layer_specs]
+    plain = tiny_gpt.build_gpt(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                               config=config)
+    lora = tiny_gpt.build_gpt(block, config=config)
+    out["moe_b0"] = torch.equal(tiny_gpt.logits(plain), tiny_gpt.logits(lora))
+    out["moe_expert_adapters"] = sum("local_experts" in n for n in get_lora_parameters(lora))
+    return out
+
+
+def test_posthoc_route_bad_input_idempotence_exclusion_and_moe():
+    out, = run_on_ranks(posthoc_cases, world_size=1)
+    assert "['linear_qkvv'] match no module" in out["unknown"] and "'linear_qkv'" in out["unknown"]
+    assert "'embedding.word_embeddings' is a VocabParallelEmbedding" in out["unsupported"]
+    assert out["untouched_after_errors"]
+    assert out["idempotent"]
+    assert "already carries LoRA with another config" in out["second_config"]
+    assert out["trainable"]
+    assert out["excluded"] == (True, 2 * 4 * 2 - 2, False)
+    assert out["moe_layers"] == ["LoRATransformerLayer"] * 2
+    assert out["moe_b0"]
+    assert out["moe_expert_adapters"] == 2 * 4 * 2 * 2  # layers x experts x (fc1, fc2) x (A, B)
+
+
+def test_spec_flag_imports_the_entry_point():
+    # Megatron and slime resolve `--spec MODULE NAME` with vars(module)[NAME].
+    from megatron.core.transformer.spec_utils import import_module
+
+    from megatron_lora import get_gpt_lora_spec
+
+    assert import_module(("megatron_lora", "get_gpt_lora_spec")) is get_gpt_lora_spec
