@@ -85,7 +85,7 @@ def add_lora(kind: str, base, args):
 
         model = apply_lora_to_fsdp_model(base, LoRAConfig(r=args.r, alpha=2 * args.r,
                                                           target_modules=TARGETS))
-        return model, get_lora_parameters(model)
+        return model, list(get_lora_parameters(model).values())
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r,

@@ -27,8 +27,8 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
         raise ValueError(f"disable_lora: {type(model).__name__} has no LoRA adapters")
     merged = [layer.lora_name for layer in layers if layer.merged]
     if merged:
-        raise ValueError(f"disable_lora: {merged[0]!r} is merged into its base weight; "
-                         f"call unmerge_lora_weights first")
+        raise RuntimeError(f"disable_lora: {merged[0]!r} is merged into its base weight; "
+                           f"call unmerge_lora_weights first")
     previous = [layer.lora_enabled for layer in layers]
     for layer in layers:
         layer.lora_enabled = False

@@ -28,7 +28,8 @@ class LoRALinear(nn.Linear):
     `lora_B.weight` `[out, r]` (zero at init, so the layer starts equal to its base).
 
     States: `merged` (the update lives inside `weight`; the forward is the base GEMM alone)
-    and `lora_enabled` (False inside `disable_lora`: the forward is the base layer's).
+    and `lora_enabled` (False inside `disable_lora`: the forward is the base layer's);
+    `lora_active` is True when neither holds and the adapter branch runs.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -53,16 +54,20 @@ class LoRALinear(nn.Linear):
         self.lora_config, self.lora_name = config, name
         self.r, self.scaling = config.r, config.scaling
         place = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = LoRAFactor(config.r, self.in_features, init=config.init,
-                                 seed=config.seed, name=name, **place)
-        self.lora_B = LoRAFactor(self.out_features, config.r, init="zeros",
-                                 seed=config.seed, name=name, **place)
+        self.lora_A = LoRAFactor(config.r, self.in_features, role="A", config=config,
+                                 name=name, **place)
+        self.lora_B = LoRAFactor(self.out_features, config.r, role="B", config=config,
+                                 name=name, **place)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.merged = False
         self.lora_enabled = True
 
+    @property
+    def lora_active(self) -> bool:
+        return not self.merged and self.lora_enabled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.lora_enabled:
+        if not self.lora_active:
             return F.linear(x, self.weight, self.bias)
         # Work on a 2-D [tokens, in] view; the base GEMM writes the only [tokens, out] tensor
         # and the update is accumulated into it (addmm_ with alpha=s: no elementwise pass).

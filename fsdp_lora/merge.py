@@ -46,40 +46,42 @@ def _add_delta_(layer: LoRALinear, sign: float) -> None:
 
 
 def _set_merged(model: nn.Module, merged: bool) -> None:
+    verb = "merge_lora_weights" if merged else "unmerge_lora_weights"
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters to "
-                         f"{'merge' if merged else 'unmerge'}")
+        raise ValueError(f"{verb}: {type(model).__name__} has no LoRA adapters")
+    wrong = [layer.lora_name for layer in layers if layer.merged == merged]
+    if wrong:
+        raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) are already "
+                           f"{'merged' if merged else 'unmerged'}, e.g. {wrong[0]!r}")
     disabled = [layer.lora_name for layer in layers if not layer.lora_enabled]
     if disabled:
-        raise ValueError(f"cannot {'merge' if merged else 'unmerge'} LoRA inside disable_lora "
-                         f"(e.g. {disabled[0]!r} is disabled)")
+        raise RuntimeError(f"{verb}: called inside disable_lora ({disabled[0]!r} is disabled)")
     for _, module, _ in owned_modules(model, writeback=True):
-        if isinstance(module, LoRALinear) and module.merged != merged:
+        if isinstance(module, LoRALinear):
             _add_delta_(module, 1.0 if merged else -1.0)
             module.merged = merged
 
 
-def merge_lora_weights(model: nn.Module) -> nn.Module:
-    """`W += s * B @ A` for every adapter not merged yet; the forward is then the base GEMM
-    alone. Merge -> unmerge restores `W` up to one rounding in W's dtype."""
+def merge_lora_weights(model: nn.Module) -> None:
+    """`W += s * B @ A` in place for every adapter; the forward is then the base GEMM alone.
+    Merging a merged model raises `RuntimeError`."""
     _set_merged(model, True)
-    return model
 
 
-def unmerge_lora_weights(model: nn.Module) -> nn.Module:
-    """`W -= s * B @ A` for every merged adapter."""
+def unmerge_lora_weights(model: nn.Module) -> None:
+    """`W -= s * B @ A`: the base weights back, up to one rounding in W's dtype. Unmerging an
+    unmerged model raises `RuntimeError`."""
     _set_merged(model, False)
-    return model
 
 
 def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(HF name, full tensor)` for every base parameter, with each adapter folded into
-    its weight, without changing the model: what a rollout engine loads.
+    """Yield `(HF name, full tensor)` for every base parameter, with each active adapter folded
+    into its weight, without changing the model: what a rollout engine loads (and what the
+    model computes: inside `disable_lora` these are the base weights).
 
     One parameter is gathered at a time (FSDP2), or one FSDP1 unit is summoned at a time;
-    LoRA factors are not yielded, tied parameters once; adapters count whatever
-    `disable_lora` says. Under FSDP every rank must run the
+    LoRA factors are not yielded, tied parameters once. Under FSDP every rank must run the
     loop to the end (the gathers are collectives). Tensors of an unsharded model may share
     storage with the model: copy them before changing them.
     """
@@ -94,7 +96,7 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             seen.add(id(param))
             key = f"{name}.{param_name}" if name else param_name
-            if isinstance(module, LoRALinear) and param_name == "weight" and not module.merged:
+            if isinstance(module, LoRALinear) and param_name == "weight" and module.lora_active:
                 weight = full_value(param)
                 delta = module.delta_weight(full_value(module.lora_A.weight),
                                             full_value(module.lora_B.weight))

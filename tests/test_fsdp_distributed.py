@@ -33,7 +33,7 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 def train(model, rows: slice) -> list[float]:
     """STEPS AdamW steps on the LoRA parameters, fitting one batch (so the loss must fall);
     the loss is averaged over all ranks."""
-    optimizer = torch.optim.AdamW(get_lora_parameters(model), lr=LR)
+    optimizer = torch.optim.AdamW(get_lora_parameters(model).values(), lr=LR)
     tokens = token_batches(1)[0][rows]
     losses = []
     for _ in range(STEPS):

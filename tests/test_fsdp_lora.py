@@ -230,7 +230,10 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
     assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters())
 
     merge_lora_weights(ours)
-    merge_lora_weights(ours)                       # a second merge adds nothing
+    merged_once = {n: p.clone() for n, p in ours.named_parameters()}
+    with pytest.raises(RuntimeError, match="merge_lora_weights: 14 LoRA module.s. are already merged"):
+        merge_lora_weights(ours)                   # refused before adding anything twice
+    assert all(torch.equal(p, merged_once[n]) for n, p in ours.named_parameters())
     state = ours.state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5)
@@ -242,6 +245,8 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
     for name, value in ours.named_parameters():
         torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(ours), lora_logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already unmerged"):
+        unmerge_lora_weights(ours)
 
 
 def test_disable_lora_is_the_base_model_nests_and_restores_on_error():
@@ -257,8 +262,13 @@ def test_disable_lora_is_the_base_model_nests_and_restores_on_error():
         with disable_lora(ours):
             raise RuntimeError("boom")
     assert torch.equal(logits(ours), lora_logits)
+    with disable_lora(ours):                    # the weight stream follows what the model computes
+        streamed = dict(iter_merged_weights(ours))
+        with pytest.raises(RuntimeError, match="inside disable_lora"):
+            merge_lora_weights(ours)
+    assert all(torch.equal(streamed[n], p) for n, p in base.named_parameters())
     merge_lora_weights(ours)
-    with pytest.raises(ValueError, match="merged into its base weight"):
+    with pytest.raises(RuntimeError, match="merged into its base weight"):
         with disable_lora(ours):
             pass
 
@@ -278,7 +288,8 @@ def test_dropout_only_touches_the_adapter_branch():
 def test_trainable_parameters_and_flags():
     _, ours = lora_model()
     lora = get_lora_parameters(ours)
-    assert len(lora) == 28 and {id(p) for p in lora} == \
+    assert list(lora) == [n for n, _ in ours.named_parameters() if "lora_" in n]
+    assert len(lora) == 28 and {id(p) for p in lora.values()} == \
         {id(p) for p in ours.parameters() if p.requires_grad}
     parser = add_lora_arguments(argparse.ArgumentParser())
     args = parser.parse_args("--lora-r 2 --lora-target-modules q_proj v_proj "
