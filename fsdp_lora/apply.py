@@ -1,0 +1,82 @@
+"""`apply_lora_to_fsdp_model`: swap the target `nn.Linear`s of a HF model for `LoRALinear`s.
+
+Targets match PEFT's list semantics: a name `t` matches the module `n` when `n == t` or `n`
+ends with `"." + t`, so `q_proj` matches every layer's query projection and
+`model.layers.0.self_attn.q_proj` just one; `exclude_modules` match the same way. Every
+problem is found before the first module is swapped, so a failed call leaves the model as
+it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fsdp_lora.full_params import hf_module_name, is_fsdp_wrapped
+from fsdp_lora.layer import LoRALinear
+from fsdp_lora.parameters import mark_only_lora_as_trainable
+from lora_common.config import HF_TARGET_MODULES, LoRAConfig
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _linear_names(named: list[tuple[str, nn.Module]]) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in named if isinstance(m, nn.Linear)})
+    return ", ".join(leaves) or "none"
+
+
+def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str, nn.Module]]:
+    """`(module path, HF name, linear)` of every module to adapt; raises on any bad target."""
+    named = [(path, hf_module_name(path), module) for path, module in model.named_modules()
+             if path]
+    hf_named = [(name, module) for _, name, module in named]
+    model_kind = type(model).__name__
+    for pattern in config.target_modules:
+        hits = [(name, m) for name, m in hf_named if _matches(name, pattern)]
+        if not hits:
+            raise ValueError(f"LoRA target {pattern!r} matches no module of {model_kind}; "
+                             f"its linear layers are named: {_linear_names(hf_named)}")
+        for name, module in hits:
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"LoRA target {pattern!r} matches {name!r} "
+                                 f"({type(module).__name__}); LoRA adapts nn.Linear layers only "
+                                 f"(linear layers here: {_linear_names(hf_named)})")
+    for pattern in config.exclude_modules:
+        if not any(_matches(name, pattern) for name, _ in hf_named):
+            raise ValueError(f"LoRA exclude_modules entry {pattern!r} matches no module of "
+                             f"{model_kind}; its linear layers are named: {_linear_names(hf_named)}")
+    return [(path, name, module) for path, name, module in named
+            if any(_matches(name, t) for t in config.target_modules)
+            and not any(_matches(name, e) for e in config.exclude_modules)]
+
+
+def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module:
+    """Add LoRA adapters to `model` in place (and return it), before FSDP wrapping.
+
+    `args_or_config` is a `LoRAConfig` or an argparse namespace with the `--lora-*` flags
+    (`LoRAConfig.from_args`). `target_modules=None` adapts the seven Llama projections
+    (`HF_TARGET_MODULES`). The model may live on the meta device: A and B are then drawn when
+    it is materialized (`to_empty`, FSDP1's `reset_parameters`), identically on every rank.
+    With `only_trainable`, every non-LoRA parameter is frozen.
+    """
+    config = args_or_config if isinstance(args_or_config, LoRAConfig) \
+        else LoRAConfig.from_args(args_or_config)
+    config = config.resolve_targets(HF_TARGET_MODULES)
+    if is_fsdp_wrapped(model):
+        raise ValueError(f"apply_lora_to_fsdp_model: {type(model).__name__} is already wrapped "
+                         f"by FSDP; add LoRA first, then call fully_shard / FSDP(...)")
+    existing = [hf_module_name(n) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if existing:
+        raise ValueError(f"apply_lora_to_fsdp_model: the model already has LoRA adapters "
+                         f"(e.g. {existing[0]!r}); apply LoRA once")
+    targets = _select_targets(model, config)
+    for path, name, linear in targets:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, LoRALinear.from_linear(linear, config, name))
+    if config.only_trainable:
+        mark_only_lora_as_trainable(model)
+    return model

@@ -1,0 +1,263 @@
+"""The HuggingFace PEFT adapter format on disk, backend-neutral (no Megatron, no peft import).
+
+A PEFT LoRA adapter is a folder with two files:
+
+- `adapter_config.json`: PEFT's `LoraConfig` as JSON (keys sorted, two-space indent).
+- `adapter_model.safetensors`: one `[r, in]` A and one `[out, r]` B per adapted linear, keyed
+  `base_model.model.<module>.lora_A.weight` / `...lora_B.weight`, where `<module>` is the
+  linear's qualified name in the HuggingFace model (`model.layers.0.self_attn.q_proj`).
+
+This is what `peft.PeftModel.save_pretrained` writes and `PeftModel.from_pretrained` reads,
+and what vLLM and SGLang load for serving. Both backends go through this module: `fsdp_lora`
+directly, `megatron_lora` after splitting its fused layers into HF modules.
+
+API
+---
+`adapter_config_dict(config, target_modules, *, exclude_modules=None, task_type="CAUSAL_LM",
+base_model_name_or_path=None) -> dict`
+    The `adapter_config.json` content PEFT writes for `config`: every key written carries
+    the value PEFT itself writes for the same adapter. `target_modules` are HF leaf names
+    (`q_proj`); `exclude_modules` the qualified names of linears with such a leaf name that
+    carry no adapter (so PEFT adapts exactly the modules that have tensors).
+
+`adapter_tensor_key(module_name, factor) -> str`
+    `"base_model.model.<module_name>.lora_<factor>.weight"`, factor `"A"` or `"B"`.
+
+`write_peft_adapter(directory, adapter_config, adapters)`
+    Writes the two files, each atomically (a reader sees the old file or the new one); the
+    weights go first, so a config never points at missing weights. `adapters` maps module
+    name -> `(A, B)`; shapes are checked against `adapter_config["r"]` before anything is
+    written.
+
+`read_peft_adapter(directory) -> PeftAdapter`
+    Reads and validates a folder written by PEFT or by `write_peft_adapter`: a LoRA config
+    without PEFT features we do not implement (DoRA, trained biases, rank patterns, ...),
+    tensor keys of the form above, an A and a B per module with matching rank. Every
+    problem raises `FileNotFoundError` or `ValueError` naming the file, field or tensor key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from lora_common.atomic import atomic_save_safetensors, atomic_write_bytes
+from lora_common.config import LoRAConfig
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"  # PEFT's pickle format, read for old adapters only
+PEFT_KEY_PREFIX = "base_model.model."
+
+_KEY_PATTERN = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+# Fields PEFT writes whose non-default value means a feature this library does not implement;
+# loading such an adapter as plain LoRA would compute something else, so it is refused.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "modules_to_save": (None, []),
+    "layer_replication": (None, []),
+    "use_qalora": (False, None),
+    "target_parameters": (None, []),
+}
+
+
+def adapter_tensor_key(module_name: str, factor: str) -> str:
+    if factor not in ("A", "B"):
+        raise ValueError(f"LoRA factor must be 'A' or 'B', got {factor!r}")
+    return f"{PEFT_KEY_PREFIX}{module_name}.lora_{factor}.weight"
+
+
+def _json_number(value: float) -> int | float:
+    # PEFT types lora_alpha as int; write 32, not 32.0, when it is integral.
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def adapter_config_dict(
+    config: LoRAConfig,
+    target_modules: Iterable[str],
+    *,
+    exclude_modules: Iterable[str] | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """`adapter_config.json` for `config` adapting `target_modules` (HF leaf names)."""
+    targets = sorted(set(target_modules))
+    if not targets:
+        raise ValueError("adapter_config_dict: target_modules is empty")
+    excludes = sorted(set(exclude_modules or ())) or None
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": excludes,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        # PEFT's value for its default (kaiming-uniform A) init is `true`; "gaussian" is ours too.
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": _json_number(config.alpha),
+        "lora_bias": False,
+        "lora_dropout": float(config.dropout),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": config.r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": targets,
+        "task_type": task_type,
+        "use_dora": False,
+        "use_rslora": config.use_rslora,
+    }
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    adapter_config: Mapping[str, Any],
+    adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` into `directory`."""
+    r = adapter_config["r"]
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (lora_a, lora_b) in adapters.items():
+        key_a, key_b = adapter_tensor_key(module, "A"), adapter_tensor_key(module, "B")
+        if lora_a.dim() != 2 or lora_a.shape[0] != r:
+            raise ValueError(f"{key_a}: expected shape [r={r}, in], got {list(lora_a.shape)}")
+        if lora_b.dim() != 2 or lora_b.shape[1] != r:
+            raise ValueError(f"{key_b}: expected shape [out, r={r}], got {list(lora_b.shape)}")
+        tensors[key_a], tensors[key_b] = lora_a, lora_b
+    if not tensors:
+        raise ValueError("write_peft_adapter: no adapters to write")
+    directory = Path(directory)
+    atomic_save_safetensors(tensors, directory / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
+    text = json.dumps(dict(adapter_config), indent=2, sort_keys=True)
+    atomic_write_bytes(directory / ADAPTER_CONFIG_FILE, text.encode())
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A validated PEFT LoRA adapter: its config dict and `{module name: (A [r, in], B [out, r])}`."""
+
+    directory: Path
+    config: dict[str, Any]
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def r(self) -> int:
+        return self.config["r"]
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def weights_file(self) -> Path:
+        path = self.directory / ADAPTER_WEIGHTS_FILE
+        return path if path.exists() else self.directory / LEGACY_WEIGHTS_FILE
+
+    def lora_config(self) -> LoRAConfig:
+        """The `LoRAConfig` of this adapter; targets are the leaf names of its modules."""
+        return LoRAConfig(
+            r=self.r, alpha=self.alpha, dropout=float(self.config.get("lora_dropout", 0.0)),
+            target_modules=sorted({name.rsplit(".", 1)[-1] for name in self.adapters}),
+            use_rslora=self.use_rslora,
+            init="gaussian" if self.config.get("init_lora_weights") == "gaussian" else "kaiming",
+        )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"PEFT adapter: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{path}: r must be a positive int, got {r!r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{path}: lora_alpha must be a number > 0, got {alpha!r}")
+    for field, plain_values in _UNSUPPORTED_FIELDS.items():
+        value = config.get(field, plain_values[0])
+        if value not in plain_values:
+            raise ValueError(f"{path}: {field}={value!r} is a PEFT feature this library does not "
+                             f"implement (plain LoRA has {plain_values[0]!r})")
+    return config
+
+
+def _read_tensors(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = directory / ADAPTER_WEIGHTS_FILE
+    if path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return path, load_file(path)
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    legacy = directory / LEGACY_WEIGHTS_FILE
+    if legacy.is_file():
+        return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"PEFT adapter: neither {path} nor {legacy} exists")
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> PeftAdapter:
+    """Read and validate the PEFT LoRA adapter in `directory` (see the module docstring)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"PEFT adapter: {directory} is not a directory")
+    config = _read_config(directory / ADAPTER_CONFIG_FILE)
+    r = config["r"]
+    path, tensors = _read_tensors(directory)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY_PATTERN.match(key)
+        if match is None:
+            raise ValueError(f"{path}: tensor key {key!r} is not a LoRA factor "
+                             f"('{PEFT_KEY_PREFIX}<module>.lora_A.weight' or '.lora_B.weight')")
+        factor, module = match["factor"], match["module"]
+        if tensor.dim() != 2:
+            raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, expected 2 dims")
+        rank = tensor.shape[0] if factor == "A" else tensor.shape[1]
+        if rank != r:
+            raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, whose rank "
+                             f"{rank} is not r={r} of {ADAPTER_CONFIG_FILE}")
+        factors.setdefault(module, {})[factor] = tensor
+    if not factors:
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    adapters = {}
+    for module, pair in sorted(factors.items()):
+        for factor in ("A", "B"):
+            if factor not in pair:
+                raise ValueError(f"{path}: {adapter_tensor_key(module, factor)} is missing "
+                                 f"(its other factor is present)")
+        adapters[module] = (pair["A"], pair["B"])
+    return PeftAdapter(directory=directory, config=config, adapters=adapters)
