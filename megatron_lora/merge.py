@@ -27,6 +27,10 @@ def merge_lora_weights(model) -> None:
     merged = [m for m in modules if m.lora_merged]
     if merged:
         raise RuntimeError(f"merge_lora_weights: {len(merged)} LoRA module(s) are already merged")
+    disabled = [m for m in modules if m.lora_disabled]
+    if disabled:
+        raise RuntimeError("merge_lora_weights: called inside disable_lora; the merged model "
+                           "would not be the base model the context promises")
     for module in modules:
         module.merge_lora()
 
@@ -44,8 +48,13 @@ def unmerge_lora_weights(model) -> None:
 @contextlib.contextmanager
 def disable_lora(model):
     """A context in which the model computes its base model (e.g. RL reference log-probs with
-    no second copy of the weights). Nests; restores on exceptions."""
+    no second copy of the weights). Nests; restores on exceptions. Refused on a merged model,
+    whose weights are no longer the base's."""
     modules = lora_modules(model)
+    merged = [m for m in modules if m.lora_merged]
+    if merged:
+        raise RuntimeError(f"disable_lora: {len(merged)} LoRA module(s) are merged; their "
+                           f"weights hold the adapter, so unmerge first")
     for module in modules:
         module.lora_disabled += 1
     try:

@@ -58,6 +58,11 @@ def merge_cases():
         except KeyError:
             pass
         r["restored"] = (tiny_gpt.logits(model) - lora_logits).abs().max().item()
+        with disable_lora(model):
+            try:
+                merge_lora_weights(model)
+            except RuntimeError as error:
+                r["merge_disabled"] = str(error)
 
         merge_lora_weights(model)
         r["merged_logits_close"] = (tiny_gpt.logits(model) - lora_logits).abs().max().item()
@@ -68,6 +73,11 @@ def merge_cases():
             merge_lora_weights(model)
         except RuntimeError as error:
             r["double_merge"] = str(error)
+        try:
+            with disable_lora(model):
+                pass
+        except RuntimeError as error:
+            r["disable_merged"] = str(error)
         unmerge_lora_weights(model)
         r["unmerge_ulps"] = max(ulps(params[n].detach(), v, stream[n]) for n, v in base.items())
         r["unmerge_bit_exact"] = sum(torch.equal(params[n], v) for n, v in base.items()) / len(base)
@@ -92,6 +102,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores(cases, layout):
         assert r["merged_logits_close"] < 1e-5
         assert r["unmerge_ulps"] <= 1.0  # fp32: bit-exact or within one unit in the last place
         assert "already merged" in r["double_merge"]
+        assert "merged; their weights hold the adapter" in r["disable_merged"]
         assert "not merged" in r["double_unmerge"]
 
 
@@ -118,6 +129,7 @@ def test_disable_lora_is_the_base_model_and_nests(cases, layout):
         r = rank[layout]
         assert r["disabled_is_base"] and r["nested_still_base"]
         assert r["restored"] == 0.0
+        assert "inside disable_lora" in r["merge_disabled"]
 
 
 def bf16_round_trip():
