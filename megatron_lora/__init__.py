@@ -25,6 +25,8 @@ from megatron_lora.merge import (
     merge_lora_weights,
     unmerge_lora_weights,
 )
+from megatron_lora.peft_export import export_peft_adapter
+from megatron_lora.peft_import import import_peft_adapter
 from megatron_lora.spec import lora_spec
 
 __all__ = [
@@ -34,4 +36,5 @@ __all__ = [
     "mark_only_lora_as_trainable", "merge_lora_weights", "unmerge_lora_weights", "disable_lora",
     "iter_merged_weights", "save_dist_checkpoint", "load_dist_checkpoint",
     "save_lora_checkpoint", "load_lora_checkpoint", "read_lora_checkpoint",
+    "export_peft_adapter", "import_peft_adapter",
 ]

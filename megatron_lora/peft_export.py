@@ -21,9 +21,10 @@ from lora_common.peft_files import adapter_config_dict, write_peft_adapter
 from megatron_lora import hf_layout
 from megatron_lora.adapter_checkpoint import AdapterCheckpoint, gather_adapter, read_lora_checkpoint
 
-# vLLM refuses adapters above its --max-lora-rank (default 16) and ranks outside this list.
+# vLLM serves adapters of rank <= its --max-lora-rank, which defaults to 16 and must be one of
+# these values (vLLM's LoRAConfig); SGLang has a --max-lora-rank too.
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -44,14 +45,14 @@ def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor,
 
 def serving_warnings(r: int) -> list[str]:
     """What a serving engine will say about rank `r`."""
-    notes = []
-    if r > VLLM_DEFAULT_MAX_LORA_RANK:
-        notes.append(f"rank {r} is above vLLM's default --max-lora-rank "
-                     f"{VLLM_DEFAULT_MAX_LORA_RANK}: serve with --max-lora-rank >= {r} "
-                     f"(SGLang: --max-lora-rank >= {r})")
-    if r not in VLLM_LORA_RANKS:
-        notes.append(f"rank {r} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))})")
-    return notes
+    if r <= VLLM_DEFAULT_MAX_LORA_RANK:
+        return []
+    fitting = [m for m in VLLM_MAX_LORA_RANKS if m >= r]
+    if not fitting:
+        return [f"rank {r} is above the largest --max-lora-rank vLLM accepts "
+                f"({VLLM_MAX_LORA_RANKS[-1]}): vLLM cannot serve this adapter"]
+    return [f"rank {r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}: "
+            f"serve with vLLM --max-lora-rank {fitting[0]} (SGLang: --max-lora-rank {r} or more)"]
 
 
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,

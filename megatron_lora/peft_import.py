@@ -77,7 +77,7 @@ def fuse_peft_adapter(adapter, geometry: hf_layout.Geometry, source: str):
         leaves = hf_layout.hf_leaves(target)
         in_features = _in_features(target, geometry)
         rows = [t.shape[0] for t in hf_layout.split_target(
-            target, torch.empty(_out_features(target, geometry), 0), geometry)]
+            target, torch.empty(_out_features(target, geometry), 1), geometry)]
         A_fused = torch.zeros(rank, in_features, dtype=dtype)
         B_parts = [torch.zeros(n, rank, dtype=A_fused.dtype) for n in rows]
         offset = 0
