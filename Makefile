@@ -1,13 +1,17 @@
 # Each target bootstraps its own in-repo virtualenv (fast when already current).
 PYTEST_ARGS ?=
 
-.PHONY: test test-compat venv venv-compat
+.PHONY: demo test test-compat venv venv-compat
 
 venv:
 	@scripts/venv.sh .venv 3.11 constraints/py311.txt
 
 venv-compat:
 	@scripts/venv.sh .venv-compat 3.12 constraints/py312.txt
+
+## make demo: LoRA fine-tune of a small GPT on CPU, TP=2 + sequence parallel (about 2 minutes)
+demo: venv
+	.venv/bin/megatron-lora demo $(DEMO_ARGS)
 
 ## make test: the whole suite on Python 3.11, torch 2.13.0, megatron-core 0.16.1
 test: venv

@@ -1,5 +1,6 @@
 """The `megatron-lora` command.
 
+    megatron-lora demo [--steps N] [--tp N] [--out DIR]           a LoRA fine-tune on CPU
     megatron-lora export-peft CHECKPOINT OUT [--base-model NAME]   adapter checkpoint -> PEFT
     megatron-lora inspect PATH                                     adapter checkpoint or PEFT dir
 """
@@ -18,6 +19,12 @@ def _export_peft(args: argparse.Namespace) -> int:
                         architecture=args.architecture)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from megatron_lora.demo import main
+
+    return main(args)
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:
@@ -65,6 +72,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-lora", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from megatron_lora.demo import add_demo_arguments
+
+    demo = commands.add_parser("demo", help="train a small GPT with LoRA on CPU (TP=2 + SP)")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=_demo)
 
     export = commands.add_parser("export-peft", help="convert an adapter checkpoint to PEFT")
     export.add_argument("checkpoint", help="adapter checkpoint (.safetensors) from save_lora_checkpoint")
