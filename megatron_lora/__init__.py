@@ -28,6 +28,7 @@ from megatron_lora.merge import (
 from megatron_lora.peft_export import export_peft_adapter
 from megatron_lora.peft_import import import_peft_adapter
 from megatron_lora.spec import lora_spec
+from megatron_lora.weight_sync import is_lora_parameter, iter_merged_tensors, merged_weights
 
 __all__ = [
     "LoRAConfig", "add_lora_arguments", "MEGATRON_TARGET_MODULES",
@@ -37,4 +38,5 @@ __all__ = [
     "iter_merged_weights", "save_dist_checkpoint", "load_dist_checkpoint",
     "save_lora_checkpoint", "load_lora_checkpoint", "read_lora_checkpoint",
     "export_peft_adapter", "import_peft_adapter",
+    "merged_weights", "iter_merged_tensors", "is_lora_parameter",
 ]

@@ -1,0 +1,163 @@
+"""Merged weights for a rollout engine, read from a trainer's own `{name: tensor}` view.
+
+RL trainers sync weights to their rollout engine from a mapping of parameter names to tensors,
+not from the modules: slime reads a CPU backup of every parameter (its GPU copy is released
+while the engine generates) or the live parameters, both under its own global names (layer
+indices offset per pipeline stage). `merged_weights` wraps such a mapping so that it reads as
+the merged model:
+
+    weights = merged_weights(state, model)     # state: {name: tensor}, adapters included
+    list(weights)                              # base names only, never lora_A / lora_B
+    weights["...linear_qkv.weight"]            # this rank's shard of W + scaling * B @ A
+
+Tensors are paired by name (`<m>.weight` with `<m>.lora_A.weight` and `<m>.lora_B.weight`),
+so any prefix or layer renumbering works, and the merge is done on access (peak extra memory:
+one merged tensor) with the arithmetic of `iter_merged_weights`: fp32, one cast. Each merge is
+of one TP shard, which the sharding rule makes exact; gather after merging, never before
+(after the gather, SwiGLU fc1's rows are interleaved across ranks).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+
+from megatron_lora.lora_linear import _is_te_quantized
+from megatron_lora.merge import lora_modules
+
+_ADAPTER = re.compile(r"(?:^|\.)lora_([AB])\.weight$")
+
+# What weight-sync code reads off a tensor to gather and convert it (Megatron's TP layout,
+# TE's parallel mode, SP and DDP marks): a merged shard carries its base weight's.
+LAYOUT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride",
+                     "parallel_mode", "sequence_parallel", "allreduce", "shared")
+
+
+def is_lora_parameter(name: str) -> bool:
+    """Whether `name` is an adapter matrix: `...lora_A.weight` or `...lora_B.weight`."""
+    return _ADAPTER.search(name) is not None
+
+
+class MergedWeights(Mapping):
+    """A read-only view of `tensors` in which each base weight with an adapter reads as
+    `W + scaling * B @ A` (computed on access, on `device` or else W's own) and the adapter
+    matrices are hidden. Every other tensor is returned as it is."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], scaling: float, device=None):
+        self._tensors = tensors
+        self._scaling = scaling
+        self._device = device
+        self.adapters = _adapter_pairs(tensors)  # {base weight name: (A name, B name)}
+        self._names = [name for name in tensors if not is_lora_parameter(name)]
+        self._name_set = set(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would compute a merge
+        return name in self._name_set
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._name_set:
+            if is_lora_parameter(name):
+                raise KeyError(f"{name}: adapter matrices are folded into their base weight, "
+                               f"not synced on their own")
+            raise KeyError(name)
+        weight = self._tensors[name]
+        pair = self.adapters.get(name)
+        return weight if pair is None else self._merge(weight, *pair)
+
+    @torch.no_grad()
+    def _merge(self, weight: torch.Tensor, a_name: str, b_name: str) -> torch.Tensor:
+        device = self._device if self._device is not None else weight.device
+        # With FP8 primary weights the base GEMM uses the dequantized weight: merge from that.
+        base = weight.dequantize() if _is_te_quantized(weight) else weight.detach()
+        # Blocking copies: a non-blocking device-to-host copy could be read before it lands.
+        A = self._tensors[a_name].detach().to(device)
+        B = self._tensors[b_name].detach().to(device)
+        delta = (B.float() @ A.float()) * self._scaling  # as LoRA linears compute it
+        merged = (base.to(device).float() + delta).to(weight.dtype)
+        for attr in LAYOUT_ATTRIBUTES:
+            if hasattr(weight, attr):
+                setattr(merged, attr, getattr(weight, attr))
+        return merged
+
+
+def _adapter_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """`{base weight: (A, B)}` for every adapter in `tensors`; every problem named at once."""
+    pairs, problems, seen = {}, [], set()
+    for name in tensors:
+        match = _ADAPTER.search(name)
+        if match is None:
+            continue
+        prefix = name[:match.start()] + ("." if match.group(0).startswith(".") else "")
+        if prefix in seen:
+            continue  # the pair was handled from its other matrix
+        seen.add(prefix)
+        a_name, b_name, base = f"{prefix}lora_A.weight", f"{prefix}lora_B.weight", f"{prefix}weight"
+        missing = [n for n in (a_name, b_name, base) if n not in tensors]
+        if missing:
+            problems.append(f"{name} has no {', '.join(missing)}")
+            continue
+        A, B, W = tensors[a_name], tensors[b_name], tensors[base]
+        if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(W.shape):
+            problems.append(f"{base} {tuple(W.shape)} cannot take lora_B {tuple(B.shape)} @ "
+                            f"lora_A {tuple(A.shape)}")
+            continue
+        pairs[base] = (a_name, b_name)
+    if problems:
+        raise ValueError("merged_weights: " + "; ".join(problems))
+    return pairs
+
+
+def merged_weights(tensors: Mapping[str, torch.Tensor], model, device=None) -> Mapping:
+    """`tensors` (names to this rank's tensors: live parameters or a copy, adapters included)
+    as the merged model would hold them: a `MergedWeights` view, merging on access on `device`
+    (default: each weight's own). The scaling is read from `model`'s LoRA modules, which also
+    vouch that the tensors hold unmerged base weights. A model without LoRA gets `tensors`
+    back untouched, so a caller can wrap unconditionally."""
+    modules = lora_modules(model)
+    if not modules:
+        stray = [name for name in tensors if is_lora_parameter(name)]
+        if stray:
+            raise ValueError(f"merged_weights: the tensors hold adapter matrices ({stray[0]!r}, "
+                             f"{len(stray)} in all) but the model has no LoRA module")
+        return tensors
+    merged = sum(m.lora_merged for m in modules)
+    if merged:
+        raise RuntimeError(f"merged_weights: {merged} LoRA module(s) are merged in place; "
+                           f"their weights already hold the adapter")
+    disabled = sum(bool(m.lora_disabled) for m in modules)
+    if disabled:
+        raise RuntimeError(f"merged_weights: called inside disable_lora ({disabled} module(s)); "
+                           f"the merged model is not the base model that context promises")
+    scalings = sorted({m.lora_scaling for m in modules})
+    if len(scalings) != 1:
+        raise ValueError(f"merged_weights: the model's LoRA modules disagree on the scaling "
+                         f"{scalings}")
+    view = MergedWeights(tensors, scalings[0], device)
+    if len(view.adapters) != len(modules):
+        raise ValueError(f"merged_weights: the tensors pair {len(view.adapters)} adapter(s) "
+                         f"with base weights, the model has {len(modules)} LoRA module(s)")
+    return view
+
+
+def iter_merged_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], model,
+                        device=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream form of `merged_weights`: `(name, tensor)` pairs in, the same order out, with
+    each adapter folded into its base weight and dropped. A base weight comes before its
+    adapters in `named_parameters()` order, so the pairs are collected first (references, no
+    copies). Without LoRA in the model the pairs pass through untouched, one at a time."""
+    if not lora_modules(model):
+        for name, tensor in named_tensors:
+            if is_lora_parameter(name):
+                raise ValueError(f"iter_merged_tensors: {name!r} is an adapter matrix but the "
+                                 f"model has no LoRA module")
+            yield name, tensor
+        return
+    yield from merged_weights(dict(named_tensors), model, device).items()

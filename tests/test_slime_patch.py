@@ -1,0 +1,342 @@
+"""The slime patch (`patches/slime-624b824a-lora.patch`) and the weight-sync view it calls.
+
+slime cannot run here (GPUs, SGLang, Ray), so the patch is checked as text: a well-formed
+unified diff of exactly the files it claims, calling only `megatron_lora` names that exist with
+signatures its calls bind to, and (where the slime mirror exists) applying to the pinned commit
+and compiling. `merged_weights` / `iter_merged_tensors`, the helpers its weight-sync hunks call,
+run on real megatron-core at TP=1 and TP=2+SP.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_helpers
+import tiny_gpt
+from lora_common import LoRAConfig
+from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH = ROOT / "patches" / "slime-624b824a-lora.patch"
+README = ROOT / "patches" / "README.md"
+SLIME_COMMIT = "624b824a898ab0ec1fcb4d373004c7f3852bf515"
+SLIME_MIRROR = Path(os.environ.get("SLIME_MIRROR", "/work/.mirror/THUDM+slime/repo"))
+CLAIMED_FILES = {
+    "slime/utils/arguments.py",
+    "slime/backends/megatron_utils/actor.py",
+    "slime/backends/megatron_utils/update_weight/update_weight_from_distributed.py",
+    "slime/backends/megatron_utils/update_weight/hf_weight_iterator_direct.py",
+    "slime/backends/megatron_utils/hf_checkpoint_saver.py",
+    "slime/backends/megatron_utils/hf_to_megatron/common.py",
+}
+CONFIG = LoRAConfig(r=4, alpha=8)
+LAYOUTS = [(2, True), (1, False)]
+
+# ----- the patch as text ---------------------------------------------------------------------
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def parse_patch(text: str) -> dict[str, list[list[str]]]:
+    """`{path: [hunk lines]}` of a `git diff`-style patch; raises AssertionError where the text
+    is not a well-formed unified diff (headers, hunk line counts)."""
+    files: dict[str, list[list[str]]] = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines) and not lines[i].startswith("diff --git "):
+        i += 1  # free text before the first diff, which git apply ignores
+    assert i < len(lines), "no 'diff --git' header"
+    while i < len(lines):
+        header = re.fullmatch(r"diff --git a/(\S+) b/(\S+)", lines[i])
+        assert header and header.group(1) == header.group(2), f"bad header: {lines[i]!r}"
+        path = header.group(1)
+        assert path not in files, f"{path} patched twice"
+        i += 1
+        assert re.fullmatch(r"index [0-9a-f]+\.\.[0-9a-f]+ 100644", lines[i]), lines[i]
+        assert lines[i + 1] == f"--- a/{path}" and lines[i + 2] == f"+++ b/{path}", path
+        i += 3
+        hunks = files[path] = []
+        while i < len(lines) and not lines[i].startswith("diff --git "):
+            match = _HUNK.match(lines[i])
+            assert match, f"{path}: expected a hunk header, got {lines[i]!r}"
+            old = int(match.group(2) or 1)
+            new = int(match.group(4) or 1)
+            i += 1
+            hunk = []
+            while old > 0 or new > 0:
+                line = lines[i]
+                assert line[:1] in (" ", "-", "+"), f"{path}: bad hunk line {line!r}"
+                old -= line[0] in " -"
+                new -= line[0] in " +"
+                hunk.append(line)
+                i += 1
+            assert old == 0 and new == 0, f"{path}: hunk line counts do not match its header"
+            hunks.append(hunk)
+        assert hunks, f"{path}: no hunks"
+    return files
+
+
+def added_blocks(hunks: list[list[str]]) -> list[str]:
+    """The runs of consecutive added lines, each joined into one block of source."""
+    blocks = []
+    for hunk in hunks:
+        block: list[str] = []
+        for line in hunk + [" "]:
+            if line.startswith("+"):
+                block.append(line[1:])
+            elif block:
+                blocks.append("\n".join(block))
+                block = []
+    return blocks
+
+
+def imported_names(source: str) -> list[str]:
+    names = []
+    for match in re.finditer(r"from megatron_lora(?:\.\w+)* import (?:\(([^)]*)\)|([^\n]*))", source):
+        listed = match.group(1) if match.group(1) is not None else match.group(2)
+        names += [n.strip() for n in listed.split(",") if n.strip()]
+    return names
+
+
+def calls_of(name: str, source: str) -> list[ast.Call]:
+    """Every call `name(...)` in `source`, parsed (the arguments may span lines)."""
+    calls = []
+    for match in re.finditer(rf"(?<![\w.]){name}\(", source):
+        depth, end = 0, None
+        for j in range(match.end() - 1, len(source)):
+            depth += {"(": 1, ")": -1}.get(source[j], 0)
+            if depth == 0:
+                end = j + 1
+                break
+        assert end is not None, f"unbalanced call of {name} in {source!r}"
+        calls.append(ast.parse(source[match.start():end], mode="eval").body)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def patch_files():
+    return parse_patch(PATCH.read_text())
+
+
+def test_patch_is_a_well_formed_diff_of_exactly_the_claimed_files(patch_files):
+    assert set(patch_files) == CLAIMED_FILES
+    readme = README.read_text()
+    for path in CLAIMED_FILES:
+        assert f"`{path}`" in readme, f"patches/README.md does not describe {path}"
+    for path, hunks in patch_files.items():
+        for hunk in hunks:
+            changed = [line for line in hunk if line[0] in "+-"]
+            assert changed, f"{path}: a hunk that changes nothing"
+            assert len(changed) <= 25, f"{path}: a hunk of {len(changed)} changed lines"
+
+
+def test_every_megatron_lora_name_exists_and_every_call_binds(patch_files):
+    import megatron_lora
+
+    seen = set()
+    for path, hunks in patch_files.items():
+        source = "\n".join(added_blocks(hunks))
+        names = imported_names(source)
+        assert names or "megatron_lora" not in source, path
+        for name in names:
+            assert name in megatron_lora.__all__, f"{path}: megatron_lora has no public {name}"
+            target = getattr(megatron_lora, name)
+            calls = calls_of(name, source)
+            assert calls, f"{path}: imports {name} but never calls it"
+            signature = inspect.signature(target)
+            for call in calls:
+                assert not any(isinstance(a, ast.Starred) for a in call.args), ast.unparse(call)
+                try:
+                    signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
+                except TypeError as error:
+                    pytest.fail(f"{path}: {ast.unparse(call)} does not fit {name}{signature}: "
+                                f"{error}")
+            seen.add(name)
+    # The verbs the patch is built around.
+    assert {"add_lora_arguments", "custom_megatron_init", "disable_lora", "merged_weights",
+            "iter_merged_tensors", "is_lora_parameter", "save_lora_checkpoint"} <= seen
+
+
+def test_no_adapter_name_is_matched_by_hand(patch_files):
+    """The adapter naming rule lives in the package (`is_lora_parameter`), not in slime."""
+    for path, hunks in patch_files.items():
+        for block in added_blocks(hunks):
+            assert "lora_A" not in block and "lora_B" not in block, path
+
+
+def _git(*args, **kwargs):
+    return subprocess.run(["git", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not SLIME_MIRROR.is_dir(),
+                    reason=f"no slime mirror at {SLIME_MIRROR} (CI has none): the patch is "
+                           f"checked as text only")
+def test_patch_applies_to_the_pinned_slime_commit_and_compiles(tmp_path):
+    git_dir = f"--git-dir={SLIME_MIRROR}"
+    assert _git(git_dir, "cat-file", "-e", f"{SLIME_COMMIT}^{{commit}}").returncode == 0
+    # The claimed files at the pinned commit, into a scratch folder (the mirror is not touched).
+    archive = subprocess.run(["git", git_dir, "archive", SLIME_COMMIT, *sorted(CLAIMED_FILES)],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    before = {p: (tmp_path / p).read_text() for p in CLAIMED_FILES}
+    applied = _git("apply", "--check", str(PATCH), cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    applied = _git("apply", str(PATCH), cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    for path in CLAIMED_FILES:
+        after = (tmp_path / path).read_text()
+        assert after != before[path], path
+        compile(after, path, "exec")
+    # And it is a real check: a second application no longer fits.
+    assert _git("apply", "--check", str(PATCH), cwd=tmp_path).returncode != 0
+
+
+# ----- the weight-sync helpers on real megatron-core -----------------------------------------
+
+def _slime_names(model) -> dict[str, torch.Tensor]:
+    """The live parameters under names like slime's global ones (a DDP-style prefix)."""
+    return {f"module.module.{name}": param for name, param in model.named_parameters()}
+
+
+def _errors(model, plain):
+    from megatron_lora import (disable_lora, is_lora_parameter, iter_merged_tensors,
+                               merge_lora_weights, merged_weights, unmerge_lora_weights)
+
+    live = _slime_names(model)
+    errors = {}
+
+    def error_of(fn):
+        try:
+            fn()
+        except (ValueError, RuntimeError, KeyError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    qkv_B = next(n for n in live if n.endswith("linear_qkv.lora_B.weight"))
+    errors["missing_B"] = error_of(lambda: merged_weights(
+        {n: t for n, t in live.items() if n != qkv_B}, model))
+    fc2_A = next(n for n in live if n.endswith("linear_fc2.lora_A.weight"))
+    errors["bad_shape"] = error_of(lambda: merged_weights(
+        {**live, fc2_A: torch.zeros(live[fc2_A].shape[0], 3)}, model))
+    errors["adapter_key"] = error_of(lambda: merged_weights(live, model)[qkv_B])
+    errors["adapters_without_lora"] = error_of(lambda: merged_weights(live, plain))
+    errors["stream_without_lora"] = error_of(
+        lambda: list(iter_merged_tensors(iter(live.items()), plain)))
+    errors["fewer_pairs"] = error_of(lambda: merged_weights(
+        {n: t for n, t in live.items() if ".layers.1." not in n}, model))
+    merge_lora_weights(model)
+    errors["merged"] = error_of(lambda: merged_weights(live, model))
+    unmerge_lora_weights(model)
+    with disable_lora(model):
+        errors["disabled"] = error_of(lambda: merged_weights(live, model))
+
+    plain_live = _slime_names(plain)
+    errors["plain_is_passthrough"] = merged_weights(plain_live, plain) is plain_live
+    streamed = list(iter_merged_tensors(iter(plain_live.items()), plain))
+    errors["plain_stream_is_passthrough"] = (
+        [n for n, _ in streamed] == list(plain_live)
+        and all(t is plain_live[n] for n, t in streamed))
+    errors["rule"] = [is_lora_parameter(n) for n in (
+        "a.linear_qkv.lora_A.weight", "lora_B.weight", "a.linear_qkv.weight",
+        "a.lora_A.weight.x", "a.xlora_A.weight", "a.lora_C.weight")]
+    return errors
+
+
+def weight_sync_cases():
+    from megatron_lora import iter_merged_tensors, iter_merged_weights, lora_spec, merged_weights
+    from megatron_lora.weight_sync import LAYOUT_ATTRIBUTES
+
+    out = {}
+    for tp, sp in LAYOUTS:
+        initialize_model_parallel(tp=tp)
+        model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), sequence_parallel=sp)
+        lora_helpers.set_nonzero_B(model)
+        live = _slime_names(model)
+        before = {n: p.detach().clone() for n, p in live.items()}
+        reference = {f"module.module.{n}": t.clone() for n, t in iter_merged_weights(model)}
+        r = {}
+
+        view = merged_weights(live, model)
+        base_names = [n for n in live if ".lora_" not in n]
+        r["names"] = list(view) == base_names == list(reference)
+        r["contains"] = all(n in view for n in base_names) and not any(
+            n in view for n in live if ".lora_" in n)
+        r["bit_exact"] = all(torch.equal(view[n], t) for n, t in reference.items())
+        r["merged_count"] = len(view.adapters)
+        r["differs_from_base"] = sum(not torch.equal(view[n], before[n]) for n in view.adapters)
+        # The merged shard carries its base weight's layout, so a gather that reads the
+        # attributes off the tensor it is handed (as slime's all_gather_param does) works.
+        r["layout"] = all(
+            getattr(view[n], a) == getattr(live[n], a)
+            for n in view.adapters for a in LAYOUT_ATTRIBUTES if hasattr(live[n], a))
+        group = lora_helpers.tp_group()
+        from megatron_lora import sharding
+        r["full"] = {n[len("module.module."):]: sharding.full_tensor(view[n], group)
+                     for n in view}
+
+        # A CPU copy without attributes (slime's backup), merged on a given device.
+        backup = {n: p.detach().clone() for n, p in live.items()}
+        copy_view = merged_weights(backup, model, device="cpu")
+        r["backup_equal"] = all(torch.equal(copy_view[n], t) for n, t in reference.items())
+        # The stream form: same names and values, same order.
+        streamed = list(iter_merged_tensors(iter(live.items()), model))
+        r["stream_equal"] = ([n for n, _ in streamed] == list(reference)
+                             and all(torch.equal(t, reference[n]) for n, t in streamed))
+        r["untouched"] = all(torch.equal(p, before[n]) for n, p in live.items())
+        r["no_grad"] = all(not view[n].requires_grad for n in view.adapters)
+
+        if (tp, sp) == (1, False):
+            plain = tiny_gpt.build_gpt()
+            r["errors"] = _errors(model, plain)
+        out[(tp, sp)] = r
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return run_on_ranks(weight_sync_cases, world_size=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_view_has_exactly_the_base_names_and_the_merged_values(cases, layout):
+    for rank in cases:
+        r = rank[layout]
+        assert r["names"] and r["contains"]
+        assert r["bit_exact"], "the view must equal iter_merged_weights bit for bit"
+        assert r["merged_count"] == 2 * 4  # 2 layers x qkv, proj, fc1, fc2
+        assert r["differs_from_base"] == 2 * 4  # B != 0: every delta reaches the engine
+        assert r["layout"] and r["no_grad"] and r["untouched"]
+        assert r["backup_equal"] and r["stream_equal"]
+
+
+def test_tp2_gathered_view_equals_the_tp1_merge(cases):
+    reference = cases[0][(1, False)]["full"]
+    for rank in cases:
+        got = rank[(2, True)]["full"]
+        assert list(got) == list(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bad_input_is_named(cases):
+    errors = cases[0][(1, False)]["errors"]
+    assert "linear_qkv.lora_A.weight has no" in errors["missing_B"]
+    assert "linear_qkv.lora_B.weight" in errors["missing_B"]
+    assert "linear_fc2.weight" in errors["bad_shape"] and "cannot take" in errors["bad_shape"]
+    assert errors["adapter_key"].startswith("KeyError") and "folded" in errors["adapter_key"]
+    assert "no LoRA module" in errors["adapters_without_lora"]
+    assert "no LoRA module" in errors["stream_without_lora"]
+    assert "pair 4 adapter(s)" in errors["fewer_pairs"] and "8 LoRA module(s)" in errors["fewer_pairs"]
+    assert "merged in place" in errors["merged"]
+    assert "inside disable_lora" in errors["disabled"]
+    assert errors["plain_is_passthrough"] and errors["plain_stream_is_passthrough"]
+    assert errors["rule"] == [True, True, False, False, False, False]
