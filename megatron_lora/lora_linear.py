@@ -151,20 +151,11 @@ class LoRAParallelLinear:
         """`scaling * B @ A` for this rank's shard of the weight, in fp32. The sharding rule
         makes it local: column ranks hold B's rows of their output slice and all of A; row
         ranks hold all of B and A's columns of their input slice."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.lora_scaling
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
 
     def merged_weight(self) -> torch.Tensor:
         """This rank's shard of `W + scaling * B @ A` (a new tensor in W's dtype; W untouched)."""
-        return (self.merge_source().float() + self.lora_delta()).to(self.weight.dtype)
-
-    def merge_source(self) -> torch.Tensor:
-        """The high-precision base weight the merge starts from. With FP8 primary weights
-        (TE's `fp8_model_init`, Megatron's `--fp8-param-gather`) the weight is a TE quantized
-        tensor holding no high-precision copy; its dequantized value is exactly what the base
-        GEMM uses, so the merge starts from that (a bf16 result, never re-quantized here)."""
-        if _is_te_quantized(self.weight):
-            return self.weight.dequantize()
-        return self.weight.detach()
+        return merged_shard(self.weight, self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
 
     @torch.no_grad()
     def merge_lora(self) -> None:
@@ -271,6 +262,24 @@ class LoRAParallelLinear:
         flat = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]),
                            B.t(), alpha=self.lora_scaling)
         return flat.view(output.shape)
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`scaling * B @ A` in fp32."""
+    return (B.float() @ A.float()) * scaling
+
+
+def merged_shard(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                 device=None) -> torch.Tensor:
+    """`W + scaling * B @ A` for one weight shard: fp32 arithmetic, one cast to W's dtype, on
+    `device` (default: W's). With FP8 primary weights (TE's `fp8_model_init`, Megatron's
+    `--fp8-param-gather`) W is a TE quantized tensor with no high-precision copy; its
+    dequantized value is exactly what the base GEMM uses, so the merge starts from that (a
+    bf16 result, never re-quantized here)."""
+    device = weight.device if device is None else device
+    base = weight.dequantize() if _is_te_quantized(weight) else weight.detach()
+    delta = lora_delta(A.detach().to(device), B.detach().to(device), scaling)
+    return (base.to(device).float() + delta).to(weight.dtype)
 
 
 def _is_te_quantized(tensor: torch.Tensor) -> bool:

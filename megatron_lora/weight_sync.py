@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from megatron_lora.lora_linear import _is_te_quantized
+from megatron_lora.lora_linear import merged_shard
 from megatron_lora.merge import lora_modules
 
 _ADAPTER = re.compile(r"(?:^|\.)lora_([AB])\.weight$")
@@ -74,14 +74,10 @@ class MergedWeights(Mapping):
 
     @torch.no_grad()
     def _merge(self, weight: torch.Tensor, a_name: str, b_name: str) -> torch.Tensor:
-        device = self._device if self._device is not None else weight.device
-        # With FP8 primary weights the base GEMM uses the dequantized weight: merge from that.
-        base = weight.dequantize() if _is_te_quantized(weight) else weight.detach()
-        # Blocking copies: a non-blocking device-to-host copy could be read before it lands.
-        A = self._tensors[a_name].detach().to(device)
-        B = self._tensors[b_name].detach().to(device)
-        delta = (B.float() @ A.float()) * self._scaling  # as LoRA linears compute it
-        merged = (base.to(device).float() + delta).to(weight.dtype)
+        # The LoRA linears' own arithmetic; blocking copies to `device` (a non-blocking
+        # device-to-host copy could be read before it lands).
+        merged = merged_shard(weight, self._tensors[a_name], self._tensors[b_name],
+                              self._scaling, self._device)
         for attr in LAYOUT_ATTRIBUTES:
             if hasattr(weight, attr):
                 setattr(merged, attr, getattr(weight, attr))
