@@ -7,3 +7,9 @@
 Each benchmark prints a table: the median of several runs and the ratios side by side,
 under a line describing the machine.
 """
+
+import warnings
+
+# Library warnings (no apex, no Transformer Engine, deprecations) are noise in a benchmark's
+# table; spawned TP ranks import this package too, so the filter reaches them.
+warnings.simplefilter("ignore")
