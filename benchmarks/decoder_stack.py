@@ -103,7 +103,8 @@ def build_block(geometry: Geometry, variant: str, *, r: int = 16, tp: int = 1, s
     if variant == "lora":
         spec = lora_spec(spec, LoRAConfig(r=r, alpha=2 * r))  # freezes the base
     torch.manual_seed(seed)
-    block = TransformerBlock(config, spec).to(device)
+    # The whole block in `dtype`, norms included, as Megatron's Float16Module casts a bf16 model.
+    block = TransformerBlock(config, spec).to(device=device, dtype=dtype)
     if variant == "lora":
         mark_only_lora_as_trainable(block)  # the final norm is outside every layer
     else:

@@ -12,15 +12,15 @@ from lora_common.launch import free_port
 
 @contextlib.contextmanager
 def single_rank(device: str = "cpu"):
-    """A one-rank process group (NCCL on CUDA, gloo on CPU) with Megatron's state at TP=1."""
+    """A one-rank gloo process group with Megatron's state at TP=1. No collective runs at TP=1,
+    so gloo serves on a GPU too, and needs no NCCL setup there."""
     from megatron.core import parallel_state
 
     from megatron_lora.launch import initialize_model_parallel
 
     if device.startswith("cuda"):
         torch.cuda.set_device(0)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                          rank=0, world_size=1)
     try:
         initialize_model_parallel(tp=1)  # on CPU this also turns on megatron_lora.cpu

@@ -110,6 +110,10 @@ def worker(args) -> dict:
         }
 
 
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # e.g. no VmHWM in this kernel's /proc
+
+
 def spawn(args, variant: str, hidden: int) -> dict:
     rss = spawn_one(args, variant, hidden, "rss")
     allocator = spawn_one(args, variant, hidden, "allocator")
@@ -135,10 +139,10 @@ def run(args) -> dict:
                                               for k in ("peak_rss", "rss_built",
                                                         "allocator_peak", "trainable")},
             "param_bytes": full["param_bytes"],
-            "peak_rss lora/full": lora["peak_rss"] / full["peak_rss"],
-            "rss growth lora/full": (lora["peak_rss"] - lora["rss_built"])
-            / (full["peak_rss"] - full["rss_built"]),
-            "allocator lora/full": lora["allocator_peak"] / full["allocator_peak"],
+            "peak_rss lora/full": ratio(lora["peak_rss"], full["peak_rss"]),
+            "rss growth lora/full": ratio(lora["peak_rss"] - lora["rss_built"],
+                                          full["peak_rss"] - full["rss_built"]),
+            "allocator lora/full": ratio(lora["allocator_peak"], full["allocator_peak"]),
         })
         print_rows(rows[-1:], header=len(rows) == 1)
     return {"machine": machine.describe(args.device), "steps": args.steps,
