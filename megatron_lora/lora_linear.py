@@ -201,8 +201,9 @@ class _AccumulateLoRAOutput(torch.autograd.Function):
     of the base output. One custom node instead of autograd's reshape/transpose/addmm chain.
     Outputs that are views (a row-parallel linear's all-reduce returns its input as-is, which
     autograd turns into a view) cannot be modified in place; they get an out-of-place addmm.
-    Forward and backward run the very ops autograd's `addmm` runs, so the numbers are identical:
-    dh = (g B) * scaling, dB = (g^T h) * scaling, and g passes to the base unchanged.
+    Backward: dh = (g B) * scaling as autograd's `addmm` computes it; dB = (h^T g)^T * scaling,
+    the same products summed in another order than autograd's `g^T h` (which is 1.5-2x slower
+    on CPU BLAS for an [out, tokens] x [tokens, r] GEMM); g passes to the base unchanged.
     """
 
     @staticmethod
@@ -226,7 +227,7 @@ class _AccumulateLoRAOutput(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_h = (g2d.mm(B) * ctx.scaling).view(h.shape)
         if ctx.needs_input_grad[2]:
-            grad_B = g2d.t().mm(h.reshape(-1, h.shape[-1])) * ctx.scaling
+            grad_B = (h.reshape(-1, h.shape[-1]).t().mm(g2d) * ctx.scaling).t()
         return grad, grad_h, grad_B, None
 
 
