@@ -47,6 +47,8 @@ def tee(cmd: list[str]) -> tuple[int, str]:
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
+        if line.startswith("USDT:"):  # torch.profiler's start/stop chatter
+            continue
         print(line, end="", flush=True)
         lines.append(line)
     return proc.wait(), "".join(lines)
