@@ -97,18 +97,35 @@ def anchors_section(step: dict, comm: dict | None) -> str:
 
 
 WHY = """**Where LoRA's time goes beyond the FLOP model** (`python -m benchmarks.profile_lora`,
-numbers in its section below). The LoRA GEMMs have one dimension of size r (16): `x A^T`, `h B^T`,
-`g B`, `g^T h`, `dh^T x`, `dh A`. Each reads or writes a whole `[tokens, in]` or `[tokens, out]`
-activation for only 2r flops per element, so on CPU they run at about half the FLOP rate of the
-base GEMMs (single thread, hidden 1024 -> 8192: 134 MFLOP `h B^T` in 2.7 ms vs the base
-forward at about 90 GFLOP/s). The ~3% of FLOPs therefore costs ~5-6% of the frozen-base
-time per linear. On top: the input gradient of each target is the sum of the base's and the
-adapter's (one output-sized add per target in backward, which autograd does and no layer-local
-code can avoid without touching the base's backward), and a handful of autograd nodes. The base
-itself does no extra work: with LoRA its linears still take Megatron's frozen-weight path (no
-weight-grad GEMM, input not saved). The full fine-tuning step, besides the weight-grad GEMMs,
-pays Adam over every weight (memory-bound), which is why measured LoRA/full is usually below
-the FLOP model."""
+its output below; the profile counts self CPU time per op, one thread, minimum over steps):
+
+- *The LoRA GEMMs themselves.* They have one dimension of size r: `x A^T`, `h B^T`, `g B`,
+  `h^T g`, `dh^T x`, `dh A`. Each streams a whole `[tokens, in]` or `[tokens, out]` activation
+  for only 2r flops per element, and CPU BLAS runs such skinny GEMMs at roughly half the FLOP
+  rate of the base's square ones. At hidden 1024, r 16 they are 2.8% of the frozen step's GEMM
+  flops but about 5% of its time; with two threads they parallelize worse still.
+- *The rest is small:* the input gradient of each target is the sum of the base's and the
+  adapter's (one `[tokens, in]` add per target, done by autograd; avoiding it would take
+  changing the base's backward), a few autograd nodes (7 per target), Adam on the adapters.
+  The base GEMMs take the same time with and without LoRA: the base keeps Megatron's
+  frozen-weight path (no weight-grad GEMM, input not saved, nothing recomputed).
+- *Smaller models are further from the model:* at hidden 256-512 the LoRA GEMMs are so small
+  that per-op costs (dispatch, thread fork/join) dominate them.
+- *TP=2 adds collectives, not bytes:* each target adds one `[tokens, r]` collective per step
+  (two under SP). Their bytes are r/hidden of the base's, but on gloo over loopback each one
+  pays a fixed latency, so at TP=2 LoRA/frozen sits a few points above TP=1.
+- *The comm target under SP* counts the all-reduce of the replicated matrices' `[r, in]` /
+  `[out, r]` grads in every step. At 512 tokens that equals the activation traffic; Megatron
+  runs it once per optimizer step, so with real batch sizes and gradient accumulation the
+  extra falls towards the activation-only column (r / hidden).
+
+What was changed in `megatron_lora/lora_linear.py` after profiling: the adapter output is
+accumulated into the base output in place (an `addmm_` inside one custom autograd node; the
+out-of-place `addmm` copied the whole base output first), and B's gradient is computed as
+`(h^T g)^T` rather than autograd's `g^T h`, a 1.5-2x faster BLAS layout for that GEMM. Measured
+on the decoder block (minimum of interleaved steps), LoRA/frozen went from 1.107 to 1.083 (the
+in-place accumulate, one thread) and then from 1.093 to 1.066 (dB layout, two threads)."""
+
 
 
 def comm_section(data: dict) -> str:

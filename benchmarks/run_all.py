@@ -26,6 +26,7 @@ from benchmarks.chart import write_chart
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 JSON_BENCHMARKS = ("step_time", "comm_bytes", "peak_memory", "merged_stream")
+OUTPUTS = ("RESULTS.md", "results.png", "results.json")
 
 
 def parse_args(argv=None):
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke sizes, few rounds")
     parser.add_argument("--only", nargs="+", help="run only these benchmarks",
                         choices=JSON_BENCHMARKS + ("profile_lora", "fsdp_vs_peft"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite RESULTS.md and the chart from results.json, run nothing")
     parser.add_argument("--out", help="folder for RESULTS.md and results.png "
                                       "(default: benchmarks/, or out/bench-quick/ with --quick)")
     return parser.parse_args(argv)
@@ -58,7 +61,9 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                 capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # The runner's own outputs do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":!benchmarks/{name}" for name in OUTPUTS)],
                                cwd=ROOT, text=True, capture_output=True).stdout.strip()
         return commit + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -69,7 +74,10 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = args.out or (os.path.join(ROOT, "out", "bench-quick") if args.quick else HERE)
     os.makedirs(out_dir, exist_ok=True)
+    if args.report_only:
+        return rewrite_report(out_dir)
     selected = args.only or JSON_BENCHMARKS + ("profile_lora", "fsdp_vs_peft")
+    commit = git_commit()  # the code as it was when the run started
     quick = ["--quick"] if args.quick else []
     results, texts, failed = {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,17 +117,27 @@ def main(argv=None):
                 "was not on this branch yet).")
     command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + \
         (" --only " + " ".join(args.only) if args.only else "")
-    header = {"command": command, "quick": args.quick, "commit": git_commit(),
+    header = {"command": command, "quick": args.quick, "commit": commit,
               "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
               "machine": machine.describe(), "chart": "results.png",
               "note": f"Failed: {', '.join(failed)} (see the console output)." if failed else ""}
     results["title"] = f"{command} | {header['date']} | {header['machine']}"
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"header": header, "texts": texts, **results}, f, indent=1)
+    rewrite_report(out_dir)
+    return 1 if failed else 0
+
+
+def rewrite_report(out_dir: str) -> int:
+    """RESULTS.md and results.png from results.json (after a run, or after editing the
+    report's prose)."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    header, texts = results.pop("header"), results.pop("texts", {})
     write_chart(os.path.join(out_dir, "results.png"), results)
     report.write_results(os.path.join(out_dir, "RESULTS.md"), header, results, texts)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"header": header, **results}, f, indent=1)
-    print(f"\nwrote {os.path.join(out_dir, 'RESULTS.md')} and results.png, results.json")
-    return 1 if failed else 0
+    print(f"\nwrote {os.path.join(out_dir, 'RESULTS.md')} and results.png from results.json")
+    return 0
 
 
 if __name__ == "__main__":
