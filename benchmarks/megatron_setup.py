@@ -1,0 +1,30 @@
+"""Megatron's parallel state in this very process, for single-rank (TP=1) benchmarks: no
+spawned ranks, so the run gets every core (TP=2 runs use `megatron_lora.launch.run_on_ranks`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lora_common.launch import free_port
+
+
+@contextlib.contextmanager
+def single_rank(device: str = "cpu"):
+    """A one-rank gloo process group with Megatron's state at TP=1. No collective runs at TP=1,
+    so gloo serves on a GPU too, and needs no NCCL setup there."""
+    from megatron.core import parallel_state
+
+    from megatron_lora.launch import initialize_model_parallel
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(0)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        initialize_model_parallel(tp=1)  # on CPU this also turns on megatron_lora.cpu
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
