@@ -1,7 +1,7 @@
 # Each target bootstraps its own in-repo virtualenv (fast when already current).
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-compat venv venv-compat
+.PHONY: bench bench-quick demo test test-compat venv venv-compat
 
 venv:
 	@scripts/venv.sh .venv 3.11 constraints/py311.txt
@@ -20,3 +20,11 @@ test: venv
 ## make test-compat: the same suite on Python 3.12, torch 2.14.1, megatron-core 0.19.2
 test-compat: venv-compat
 	.venv-compat/bin/python -m pytest $(PYTEST_ARGS)
+
+## make bench: CPU benchmarks (not part of make test); writes benchmarks/RESULTS.md and results.png
+bench: venv
+	.venv/bin/python -m benchmarks.run_all $(BENCH_ARGS)
+
+## make bench-quick: a smoke run of every benchmark, written to out/bench-quick/
+bench-quick: venv
+	.venv/bin/python -m benchmarks.run_all --quick

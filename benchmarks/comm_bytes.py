@@ -1,7 +1,7 @@
 """Communication bytes per training step at TP=2: LoRA's extra vs the base layers' own.
 
 One step of each variant of the decoder block (benchmarks/decoder_stack.py) under a counter of
-every collective (benchmarks/collective_bytes.py), with and without sequence parallelism. The
+every collective (lora_common/collective_bytes.py), with and without sequence parallelism. The
 frozen-base step moves exactly what the base layers move; LoRA's extra is the difference. The
 design (DESIGN.md section 3) predicts only rank-sized traffic: `[tokens, r]` activations, plus
 under SP the all-reduce of the replicated matrices' `[r, in]` / `[out, r]` grads (Megatron does
@@ -19,7 +19,7 @@ import argparse
 import json
 
 from benchmarks import layouts, machine
-from benchmarks.collective_bytes import count_collective_bytes
+from lora_common.collective_bytes import count_collective_bytes
 from benchmarks.decoder_stack import Geometry, build_block, sequence_parallel_grads, training_step
 
 

@@ -4,10 +4,11 @@ spawned ranks, so the run gets every core (TP=2 runs use `megatron_lora.launch.r
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 
 import torch
 
-from lora_common.launch import free_port
 
 
 @contextlib.contextmanager
@@ -20,7 +21,8 @@ def single_rank(device: str = "cpu"):
 
     if device.startswith("cuda"):
         torch.cuda.set_device(0)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+    store = tempfile.mkdtemp(prefix="single_rank.")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}/store",
                                          rank=0, world_size=1)
     try:
         initialize_model_parallel(tp=1)  # on CPU this also turns on megatron_lora.cpu
@@ -28,3 +30,4 @@ def single_rank(device: str = "cpu"):
     finally:
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+        shutil.rmtree(store, ignore_errors=True)

@@ -67,33 +67,14 @@ def _loss_and_accuracy(model, tokens, labels):
 
 
 def _train(model, config, task, steps, lr, args, label):
-    """Adam steps through Megatron's own DDP and grad finalization; returns the losses."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from tqdm import tqdm
+    from megatron_lora.ddp_training import train_with_megatron_ddp
 
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    params = [p for p in ddp.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    losses = []
-    bar = tqdm(range(steps), desc=label, disable=torch.distributed.get_rank() != 0,
-               dynamic_ncols=True)
-    for step in bar:
-        ddp.zero_grad_buffer()
+    def loss(ddp, step):
         tokens, labels = task_batch(task, args.vocab, args.batch, args.seq, step)
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        loss = ddp(tokens, positions, None, labels=labels).float().mean()
-        loss.backward()
-        finalize_model_grads([ddp])
-        for param in params:
-            param.grad = param.main_grad
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return losses
+        return ddp(tokens, positions, None, labels=labels).float().mean()
+
+    return train_with_megatron_ddp(model, config, loss, steps, lr, progress=label)
 
 
 def _eval(model, task, args):

@@ -314,8 +314,10 @@ def merged_shard(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling
     bf16 result, never re-quantized here)."""
     device = weight.device if device is None else device
     base = weight.dequantize() if _is_te_quantized(weight) else weight.detach()
-    delta = lora_delta(A.detach().to(device), B.detach().to(device), scaling)
-    return (base.to(device).float() + delta).to(weight.dtype)
+    # One addmm: W + scaling * (B @ A) without an output-sized temporary for the delta.
+    merged = torch.addmm(base.to(device).float(), B.detach().to(device).float(),
+                         A.detach().to(device).float(), alpha=scaling)
+    return merged.to(weight.dtype)
 
 
 def _is_te_quantized(tensor: torch.Tensor) -> bool:

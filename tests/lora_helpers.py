@@ -1,10 +1,7 @@
-"""Helpers for LoRA tests on Megatron models: full (unsharded) views of sharded tensors,
-non-zero B, a Megatron DDP training loop, and a collective-byte counter."""
+"""Helpers for LoRA tests on Megatron models: full (unsharded) views of sharded tensors and
+grads, non-zero B, and training on the tiny GPT."""
 
 from __future__ import annotations
-
-import contextlib
-import sys
 
 import torch
 
@@ -68,72 +65,9 @@ def set_nonzero_B(model, seed: int = 7) -> None:
 
 
 def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None):
-    """Train the trainable parameters for `steps` Adam steps, with grads reduced by Megatron's
-    own DDP and `finalize_model_grads` (which sums `sequence_parallel` grads over TP).
-    Megatron's optimizer allocates on `device='cuda'` literally, so torch's Adam steps on
-    the `main_grad` buffers DDP fills. Returns the losses and the DDP-wrapped model."""
+    """`megatron_lora.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches."""
     import tiny_gpt
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
 
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                  model)
-    params = [p for p in ddp.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    losses = []
-    for step in range(steps):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = (loss_fn or tiny_gpt.loss)(ddp, step)
-        loss.backward()
-        finalize_model_grads([ddp])
-        for param in params:
-            param.grad = param.main_grad
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, ddp
+    from megatron_lora.ddp_training import train_with_megatron_ddp as train
 
-
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast")
-
-
-@contextlib.contextmanager
-def count_collective_bytes():
-    """Count the bytes each rank hands to collectives: the larger of a collective's input
-    and output (an all-gather's gathered tensor, a reduce-scatter's full input).
-
-    megatron-core keeps module-level references to some collectives (`dist_all_gather_func`),
-    so every such reference in a loaded megatron module is wrapped too."""
-    import torch.distributed as dist
-
-    counts = {"bytes": 0, "calls": []}
-    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            lists = [a for a in args if isinstance(a, list)]
-            sizes = [t.numel() * t.element_size() for t in tensors]
-            sizes += [sum(t.numel() * t.element_size() for t in lst) for lst in lists]
-            counts["bytes"] += max(sizes, default=0)
-            counts["calls"].append((name, max(sizes, default=0)))
-            return fn(*args, **kwargs)
-        return counted
-
-    wrapped = [(fn, wrap(name, fn)) for name, fn in originals.items()]
-    patched = []
-    for module in [dist] + [m for n, m in list(sys.modules.items()) if n.startswith("megatron.")]:
-        for attr, value in list(vars(module).items()):
-            for fn, counted in wrapped:
-                if value is fn:
-                    patched.append((module, attr, value))
-                    setattr(module, attr, counted)
-    try:
-        yield counts
-    finally:
-        for module, attr, value in patched:
-            setattr(module, attr, value)
+    return train(model, config, loss_fn or tiny_gpt.loss, steps, lr)

@@ -34,7 +34,7 @@ def train_and_export(out_dir: str, model_type: str):
     spec = lora_spec(hf_llama.local_spec(hf.config), CONFIG)
     model = hf_llama.gpt_from_hf(hf, spec).train()
     mark_only_lora_as_trainable(model)
-    losses, _ = lora_helpers.train_with_megatron_ddp(model, model.config, steps=STEPS,
+    losses = lora_helpers.train_with_megatron_ddp(model, model.config, steps=STEPS,
                                                      lr=2e-2, loss_fn=cross_entropy_loss)
     model.eval()
     export_peft_adapter(model, f"{out_dir}/peft_live", base_model_name_or_path="tiny-llama",

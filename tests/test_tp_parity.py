@@ -7,6 +7,7 @@ import torch
 import lora_helpers
 import tiny_gpt
 from lora_common import LoRAConfig
+from lora_common.collective_bytes import count_collective_bytes
 from megatron_lora.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
@@ -24,7 +25,7 @@ def train_each_layout():
         model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), config=config)
         mark_only_lora_as_trainable(model)
         lora_helpers.set_nonzero_B(model)
-        losses, _ = lora_helpers.train_with_megatron_ddp(model, config, steps=STEPS)
+        losses = lora_helpers.train_with_megatron_ddp(model, config, steps=STEPS)
         out[(tp, sp)] = (losses, lora_helpers.full_state(get_lora_parameters(model)))
     return out
 
@@ -50,9 +51,9 @@ def one_step_bytes(lora: bool, sp: bool) -> int:
     model = tiny_gpt.build_gpt(spec, sequence_parallel=sp)
     for name, param in model.named_parameters():  # same backward graph with and without LoRA
         param.requires_grad_(".lora_" in name or "word_embeddings" in name)
-    with lora_helpers.count_collective_bytes() as counts:
+    with count_collective_bytes() as counts:
         tiny_gpt.loss(model).backward()
-    return counts["bytes"]
+    return sum(counts.values())
 
 
 def measure_comm():

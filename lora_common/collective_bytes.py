@@ -1,10 +1,14 @@
-"""Count the bytes each rank hands to torch.distributed collectives while a block runs.
+"""Count the bytes each rank hands to torch.distributed collectives while a block runs: how the
+tests and benchmarks check that LoRA adds only the rank-sized traffic the sharding rule implies.
+
+    with count_collective_bytes() as counts:
+        loss.backward()
+    sum(counts.values())      # bytes; counts["all_reduce"] etc. per collective
 
 A collective's size is the larger of its input and output (an all-gather's gathered tensor, a
 reduce-scatter's full input): the volume a ring implementation moves is proportional to it.
 megatron-core keeps module-level references to some collectives (`dist_all_gather_func`,
-`dist_reduce_scatter_func`), so those references are wrapped too. (tests/lora_helpers.py has
-the same counter for the comm-bytes test; benchmarks do not import from tests/.)
+`dist_reduce_scatter_func`), so those references are wrapped too.
 """
 
 from __future__ import annotations
