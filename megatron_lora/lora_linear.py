@@ -372,63 +372,6 @@ class LoRARowParallelMixin(LoRAParallelLinear):
         return self._add_lora_output(output, self._lora_hidden_row(x)), bias
 
 
-class LoRATEColumnParallelMixin(LoRAParallelLinear):
-    """LoRA for megatron-core's `TEColumnParallelLinear` (Transformer Engine)."""
-
-    lora_family = COLUMN
-
-    def forward(self, x):
-        output, bias = super().forward(x)
-        if not self.lora_active:
-            return output, bias
-        return self._add_lora_output(output, self._lora_hidden_column(x)), bias
-
-
-class LoRATERowParallelMixin(LoRAParallelLinear):
-    """LoRA for megatron-core's `TERowParallelLinear` (input always parallel)."""
-
-    lora_family = ROW
-
-    def forward(self, x):
-        output, bias = super().forward(x)
-        if not self.lora_active:
-            return output, bias
-        return self._add_lora_output(output, self._lora_hidden_row(x)), bias
-
-
-class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
-    """LoRA for megatron-core's `TELayerNormColumnParallelLinear`, whose norm is fused into
-    the linear: the adapter must see the *normalized* input, which TE hands back when
-    `return_layernorm_output` is on.
-
-    TE returns that output in the activation's high precision even under FP8 autocast, and
-    adds the gradient flowing into it to the input gradient before the norm backward (after
-    its own TP reduction; under SP it is this rank's sequence shard, which is what the column
-    rule wants). The `..._gathered` variant drops that gradient in TE >= 2.4, so it stays off.
-    See docs/te_notes.md.
-    """
-
-    lora_family = COLUMN
-
-    def forward(self, x):
-        # Ask TE for the norm output only when the adapter runs (merged or disabled: the base
-        # forward, with no extra output and, under FP8, no extra quantization).
-        self.return_layernorm_output = self.lora_active
-        self.return_layernorm_output_gathered = False
-        result = super().forward(x)
-        if not self.return_layernorm_output:
-            return result
-        if self.te_return_bias:
-            output, bias, normalized = result
-        else:
-            (output, normalized), bias = result
-        return self._add_lora_output(output, self._lora_hidden_column(normalized)), bias
-
-    def remove_lora(self) -> None:
-        self.return_layernorm_output = False
-        super().remove_lora()
-
-
 @functools.lru_cache(maxsize=None)
 def _family_mixins() -> tuple[tuple[type, type], ...]:
     """(base class, LoRA mixin) pairs: megatron-core's local parallel linears, and its
@@ -442,6 +385,12 @@ def _family_mixins() -> tuple[tuple[type, type], ...]:
     except ImportError:
         return tuple(pairs)
     if getattr(te_wrappers, "HAVE_TE", False):
+        from megatron_lora.lora_te_linear import (
+            LoRATEColumnParallelMixin,
+            LoRATELayerNormColumnParallelMixin,
+            LoRATERowParallelMixin,
+        )
+
         pairs += [(te_wrappers.TELayerNormColumnParallelLinear, LoRATELayerNormColumnParallelMixin),
                   (te_wrappers.TEColumnParallelLinear, LoRATEColumnParallelMixin),
                   (te_wrappers.TERowParallelLinear, LoRATERowParallelMixin)]

@@ -1,0 +1,64 @@
+"""LoRA on megatron-core's Transformer Engine wrappers: the same adapter, sharding rule and
+merge as the local linears (`lora_linear.py`), wired to the TE wrappers' forward signatures.
+`lora_linear_class` picks these mixins when megatron-core found TE at import."""
+
+from __future__ import annotations
+
+from megatron_lora.lora_linear import COLUMN, ROW, LoRAParallelLinear
+
+
+class LoRATEColumnParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TEColumnParallelLinear` (Transformer Engine)."""
+
+    lora_family = COLUMN
+
+    def forward(self, x):
+        output, bias = super().forward(x)
+        if not self.lora_active:
+            return output, bias
+        return self._add_lora_output(output, self._lora_hidden_column(x)), bias
+
+
+class LoRATERowParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TERowParallelLinear` (input always parallel)."""
+
+    lora_family = ROW
+
+    def forward(self, x):
+        output, bias = super().forward(x)
+        if not self.lora_active:
+            return output, bias
+        return self._add_lora_output(output, self._lora_hidden_row(x)), bias
+
+
+class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's `TELayerNormColumnParallelLinear`, whose norm is fused into
+    the linear: the adapter must see the *normalized* input, which TE hands back when
+    `return_layernorm_output` is on.
+
+    TE returns that output in the activation's high precision even under FP8 autocast, and
+    adds the gradient flowing into it to the input gradient before the norm backward (after
+    its own TP reduction; under SP it is this rank's sequence shard, which is what the column
+    rule wants). The `..._gathered` variant drops that gradient in TE >= 2.4, so it stays off.
+    See docs/te_notes.md.
+    """
+
+    lora_family = COLUMN
+
+    def forward(self, x):
+        # Ask TE for the norm output only when the adapter runs (merged or disabled: the base
+        # forward, with no extra output and, under FP8, no extra quantization).
+        self.return_layernorm_output = self.lora_active
+        self.return_layernorm_output_gathered = False
+        result = super().forward(x)
+        if not self.return_layernorm_output:
+            return result
+        if self.te_return_bias:
+            output, bias, normalized = result
+        else:
+            (output, normalized), bias = result
+        return self._add_lora_output(output, self._lora_hidden_column(normalized)), bias
+
+    def remove_lora(self) -> None:
+        self.return_layernorm_output = False
+        super().remove_lora()
