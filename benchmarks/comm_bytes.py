@@ -3,7 +3,7 @@
 One step of each variant of the decoder block (benchmarks/decoder_stack.py) under a counter of
 every collective (lora_common/collective_bytes.py), with and without sequence parallelism. The
 frozen-base step moves exactly what the base layers move; LoRA's extra is the difference. The
-design (DESIGN.md section 3) predicts only rank-sized traffic: `[tokens, r]` activations, plus
+design (the sharding rule in megatron_lora/lora_linear.py) predicts only rank-sized traffic: `[tokens, r]` activations, plus
 under SP the all-reduce of the replicated matrices' `[r, in]` / `[out, r]` grads (Megatron does
 that once per optimizer step, after all micro-batches, so gradient accumulation divides it).
 Expected extra per layer, fp32: without SP 4 x T x r x 4 B (one `[T, r]` all-reduce per target);

@@ -7,7 +7,7 @@ A LoRA linear *is* its base class (same constructor, same `weight`/`bias` names,
 
     lora_A.weight  [r, in]     lora_B.weight  [out, r]     y = W x + scaling * B A x
 
-Sharding (DESIGN.md section 3), for a linear whose base weight is split over `tp` ranks:
+Sharding, for a linear whose base weight is split over `tp` ranks:
 
     family                    A                          B
     column (output split)     [r, in]       replicated   [out/tp, r]  split on dim 0, like W
