@@ -113,30 +113,21 @@ def check_convertible(config) -> hf_layout.Architecture:
 
 
 def transformer_config(config, **overrides):
-    """The Megatron `TransformerConfig` of an HF config, at this rank's TP/PP sizes."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer import TransformerConfig
+    """The Megatron `TransformerConfig` of an HF config, at this rank's TP/PP sizes (the
+    CPU-test settings and the SP guard come from `tiny_gpt.transformer_config`)."""
+    import tiny_gpt
 
     arch = check_convertible(config)
     geometry = hf_layout.Geometry.from_hf(config)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     fields = dict(
         num_layers=geometry.num_layers, hidden_size=geometry.hidden_size,
         num_attention_heads=geometry.num_attention_heads,
         num_query_groups=geometry.num_query_groups, kv_channels=geometry.kv_channels,
-        ffn_hidden_size=geometry.ffn_hidden_size, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, normalization="RMSNorm",
-        layernorm_epsilon=config.rms_norm_eps, add_bias_linear=False,
+        ffn_hidden_size=geometry.ffn_hidden_size, layernorm_epsilon=config.rms_norm_eps,
         add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=torch.float32,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     fields.update(overrides)
-    if fields.get("sequence_parallel") and tp == 1:
-        fields["sequence_parallel"] = False  # Megatron rejects SP without TP
-    return TransformerConfig(**fields)
+    return tiny_gpt.transformer_config(**fields)
 
 
 def local_spec(config):
