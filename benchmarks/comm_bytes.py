@@ -19,7 +19,7 @@ import argparse
 import json
 
 from benchmarks import layouts, machine
-from lora_common.collective_bytes import count_collective_bytes
+from megatron_lora.runtime.collective_bytes import count_collective_bytes
 from benchmarks.decoder_stack import Geometry, build_block, sequence_parallel_grads, training_step
 
 

@@ -25,6 +25,6 @@ def run_layout(fn: Callable[..., Any], tp: int, device: str, *args: Any) -> Any:
             return fn(tp, *args)
     if device != "cpu":
         raise ValueError("TP > 1 benchmarks run on CPU ranks (gloo) only")
-    from megatron_lora.launch import run_on_ranks
+    from megatron_lora.runtime.launch import run_on_ranks
 
     return run_on_ranks(fn, world_size=tp, tp=tp, args=(tp, *args), timeout=3600)[0]

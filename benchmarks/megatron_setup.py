@@ -17,7 +17,7 @@ def single_rank(device: str = "cpu"):
     so gloo serves on a GPU too, and needs no NCCL setup there."""
     from megatron.core import parallel_state
 
-    from megatron_lora.launch import initialize_model_parallel
+    from megatron_lora.runtime.launch import initialize_model_parallel
 
     if device.startswith("cuda"):
         torch.cuda.set_device(0)

@@ -3,17 +3,14 @@
 
     model = apply_lora_to_fsdp_model(model, LoRAConfig(r=16, alpha=32))   # before wrapping
     fully_shard(...)                                                      # then shard
-    optimizer = torch.optim.AdamW(get_lora_parameters(model), lr=1e-4)
+    optimizer = torch.optim.AdamW(get_lora_parameters(model).values(), lr=1e-4)
     save_peft_adapter(model, "adapter/")                                  # PEFT format
 """
 
-from fsdp_lora.apply import apply_lora_to_fsdp_model
-from fsdp_lora.disable import disable_lora
-from fsdp_lora.factor import LoRAFactor
-from fsdp_lora.layer import LoRALinear
-from fsdp_lora.merge import iter_merged_weights, merge_lora_weights, unmerge_lora_weights
-from fsdp_lora.parameters import get_lora_parameters, mark_only_lora_as_trainable
-from fsdp_lora.peft_io import load_peft_adapter, save_peft_adapter
+from fsdp_lora.apply import apply_lora_to_fsdp_model, get_lora_parameters, mark_only_lora_as_trainable
+from fsdp_lora.layers import LoRAFactor, LoRALinear
+from fsdp_lora.merge import disable_lora, iter_merged_weights, merge_lora_weights, unmerge_lora_weights
+from fsdp_lora.peft import load_peft_adapter, save_peft_adapter
 from lora_common import HF_TARGET_MODULES, LoRAConfig, add_lora_arguments
 
 __all__ = [

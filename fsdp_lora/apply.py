@@ -13,10 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from fsdp_lora.full_params import hf_module_name, is_fsdp_wrapped
-from fsdp_lora.layer import LoRALinear
-from fsdp_lora.parameters import mark_only_lora_as_trainable
+from fsdp_lora.full_params import fsdp1_units, hf_module_name, is_fsdp_wrapped
+from fsdp_lora.layers.linear import LoRALinear
+from fsdp_lora.model import lora_modules
 from lora_common.config import HF_TARGET_MODULES, LoRAConfig
+from lora_common.state import freeze_all_but_adapters, is_lora_parameter
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -68,7 +69,7 @@ def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module
     if is_fsdp_wrapped(model):
         raise ValueError(f"apply_lora_to_fsdp_model: {type(model).__name__} is already wrapped "
                          f"by FSDP; add LoRA first, then call fully_shard / FSDP(...)")
-    existing = [hf_module_name(n) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    existing = list(lora_modules(model))
     if existing:
         raise ValueError(f"apply_lora_to_fsdp_model: the model already has LoRA adapters "
                          f"(e.g. {existing[0]!r}); apply LoRA once")
@@ -80,3 +81,26 @@ def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module
     if config.only_trainable:
         mark_only_lora_as_trainable(model)
     return model
+
+
+def get_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The A and B weights of every adapter by HF name (`...q_proj.lora_A.weight`), in module
+    order: `AdamW(get_lora_parameters(model).values())` is the LoRA-only optimizer. Under FSDP2
+    they are the DTensor shards FSDP2 registered."""
+    units = fsdp1_units(model)
+    if any(not unit._use_orig_params for unit in units):
+        raise ValueError("get_lora_parameters: FSDP1 was built with use_orig_params=False, "
+                         "which hides the LoRA parameters inside flat parameters; wrap with "
+                         "FullyShardedDataParallel(..., use_orig_params=True)")
+    params = {hf_module_name(name): param for name, param in model.named_parameters()
+              if is_lora_parameter(name)}
+    if not params:
+        raise ValueError(f"get_lora_parameters: {type(model).__name__} has no LoRA adapters; "
+                         f"call apply_lora_to_fsdp_model first")
+    return params
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except the LoRA factors (which become trainable)."""
+    get_lora_parameters(model)  # refuses a model without adapters, or with hidden ones
+    freeze_all_but_adapters(model)

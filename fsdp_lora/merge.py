@@ -1,22 +1,26 @@
-"""Folding the adapter into the base weight: in place (`merge_lora_weights`,
-`unmerge_lora_weights`) or as a stream of merged copies (`iter_merged_weights`).
+"""Model-level verbs on the adapters' state: merge, unmerge, disable, and the merged-weight
+stream (the LoRA state protocol is `lora_common.state`).
 
-The update `s * B @ A` is computed in fp32 and cast to the weight's dtype once. Under FSDP2
-the merge is local: a weight and its B are both split on dim 0 into the same row blocks, so
-a rank adds `s * B_rows @ A` to its own rows after all-gathering only A (`[r, in]`).
+The update `s * B @ A` is computed in fp32 and cast to the weight's dtype once
+(`lora_common.delta`). Under FSDP2 the merge is local: a weight and its B are both split on
+dim 0 into the same row blocks, so a rank adds `s * B_rows @ A` to its own rows after
+all-gathering only A (`[r, in]`).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from fsdp_lora.factor import LoRAFactor
 from fsdp_lora.full_params import copy_full_value_, full_value, owned_modules
-from fsdp_lora.layer import LoRALinear
-from fsdp_lora.parameters import lora_layers
+from fsdp_lora.layers.factor import LoRAFactor
+from fsdp_lora.layers.linear import LoRALinear
+from fsdp_lora.model import lora_modules
+from lora_common.delta import merged_value
+from lora_common.state import lora_disabled, require_state
 
 
 def _rows_split_alike(weight, lora_b) -> bool:
@@ -30,49 +34,49 @@ def _rows_split_alike(weight, lora_b) -> bool:
 def _add_delta_(layer: LoRALinear, sign: float) -> None:
     from torch.distributed.tensor import DTensor
 
-    weight = layer.weight
+    weight, scaling = layer.weight, layer.lora_scaling
     if not isinstance(weight, DTensor):
-        weight.copy_((weight.float() + sign * layer.delta_weight()).to(weight.dtype))
+        weight.copy_(merged_value(weight, layer.lora_A.weight, layer.lora_B.weight, scaling, sign))
         return
     lora_a = full_value(layer.lora_A.weight)
     lora_b = layer.lora_B.weight
     if _rows_split_alike(weight, lora_b):
         local = weight.to_local()
-        local.copy_((local.float() + sign * layer.delta_weight(lora_a, lora_b.to_local()))
-                    .to(local.dtype))
+        local.copy_(merged_value(local, lora_a, lora_b.to_local(), scaling, sign))
     else:  # an unusual shard_placement_fn: merge the full weight, keep this rank's part
-        merged = full_value(weight).float() + sign * layer.delta_weight(lora_a, full_value(lora_b))
-        copy_full_value_(weight, merged.to(weight.dtype))
+        copy_full_value_(weight, merged_value(full_value(weight), lora_a, full_value(lora_b),
+                                              scaling, sign))
 
 
 def _set_merged(model: nn.Module, merged: bool) -> None:
     verb = "merge_lora_weights" if merged else "unmerge_lora_weights"
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{verb}: {type(model).__name__} has no LoRA adapters")
-    wrong = [layer.lora_name for layer in layers if layer.merged == merged]
-    if wrong:
-        raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) are already "
-                           f"{'merged' if merged else 'unmerged'}, e.g. {wrong[0]!r}")
-    disabled = [layer.lora_name for layer in layers if not layer.lora_enabled]
-    if disabled:
-        raise RuntimeError(f"{verb}: called inside disable_lora ({disabled[0]!r} is disabled)")
+    require_state(lora_modules(model), verb, merged=not merged,
+                  disabled=False if merged else None, model=model)
     for _, module, _ in owned_modules(model, writeback=True):
         if isinstance(module, LoRALinear):
             _add_delta_(module, 1.0 if merged else -1.0)
-            module.merged = merged
+            module.lora_merged = merged
 
 
 def merge_lora_weights(model: nn.Module) -> None:
     """`W += s * B @ A` in place for every adapter; the forward is then the base GEMM alone.
-    Merging a merged model raises `RuntimeError`."""
+    Refused on a merged model and inside `disable_lora`."""
     _set_merged(model, True)
 
 
 def unmerge_lora_weights(model: nn.Module) -> None:
-    """`W -= s * B @ A`: the base weights back, up to one rounding in W's dtype. Unmerging an
-    unmerged model raises `RuntimeError`."""
+    """`W -= s * B @ A`: the base weights back, up to one rounding in W's dtype. Refused
+    unless every module is merged."""
     _set_merged(model, False)
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model` computes exactly what its base model computes (RL reference
+    log-probs with no second copy of the weights). Nests; restores on exceptions. Refused on
+    a merged model, whose weights hold the adapter."""
+    with lora_disabled(lora_modules(model), model):
+        yield model
 
 
 def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -97,10 +101,8 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             seen.add(id(param))
             key = f"{name}.{param_name}" if name else param_name
             if isinstance(module, LoRALinear) and param_name == "weight" and module.lora_active:
-                weight = full_value(param)
-                delta = module.delta_weight(full_value(module.lora_A.weight),
-                                            full_value(module.lora_B.weight))
-                yield key, (weight.float() + delta).to(weight.dtype)
+                yield key, merged_value(full_value(param), full_value(module.lora_A.weight),
+                                        full_value(module.lora_B.weight), module.lora_scaling)
             else:
                 value = full_value(param)
                 yield key, value.clone() if summoned else value

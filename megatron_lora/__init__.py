@@ -2,41 +2,54 @@
 
 Spec route:      --spec megatron_lora get_gpt_lora_spec     (or `lora_spec(spec, config)`)
 Post-hoc route:  apply_lora_to_megatron_model(model, config)
+
+`import megatron_lora` needs no megatron-core: the entry points Megatron and slime resolve by
+name (`get_gpt_lora_spec`, `custom_megatron_init`) and the megatron-free pieces are bound here;
+everything that builds on megatron-core is imported on first use, so the offline tools
+(`megatron-lora export-peft`, `inspect`) run where megatron-core is not installed.
 """
 
-from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig, add_lora_arguments
-from megatron_lora.apply import (
-    apply_lora_to_megatron_model,
-    custom_megatron_init,
-    get_lora_parameters,
-    mark_only_lora_as_trainable,
-)
-from megatron_lora.adapter_checkpoint import (
-    load_lora_checkpoint,
-    read_lora_checkpoint,
-    save_lora_checkpoint,
-)
-from megatron_lora.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
-from megatron_lora.gpt_spec import get_gpt_lora_spec, gpt_lora_spec
-from megatron_lora.lora_linear import is_lora_linear, lora_linear_class
-from megatron_lora.merge import (
-    disable_lora,
-    iter_merged_weights,
-    merge_lora_weights,
-    unmerge_lora_weights,
-)
-from megatron_lora.peft_export import export_peft_adapter
-from megatron_lora.peft_import import import_peft_adapter
-from megatron_lora.spec import lora_spec
-from megatron_lora.weight_sync import is_lora_parameter, iter_merged_tensors, merged_weights
+import importlib
 
-__all__ = [
-    "LoRAConfig", "add_lora_arguments", "MEGATRON_TARGET_MODULES",
-    "get_gpt_lora_spec", "gpt_lora_spec", "lora_spec", "lora_linear_class", "is_lora_linear",
-    "apply_lora_to_megatron_model", "custom_megatron_init", "get_lora_parameters",
-    "mark_only_lora_as_trainable", "merge_lora_weights", "unmerge_lora_weights", "disable_lora",
-    "iter_merged_weights", "save_dist_checkpoint", "load_dist_checkpoint",
-    "save_lora_checkpoint", "load_lora_checkpoint", "read_lora_checkpoint",
-    "export_peft_adapter", "import_peft_adapter",
-    "merged_weights", "iter_merged_tensors", "is_lora_parameter",
-]
+from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig, add_lora_arguments
+from lora_common.state import is_lora_parameter
+from megatron_lora.gpt_spec import custom_megatron_init, get_gpt_lora_spec, gpt_lora_spec
+from megatron_lora.interop.adapter_file import read_lora_checkpoint
+
+# name -> the module that defines it (imported on first access)
+_LAZY = {
+    "lora_spec": "megatron_lora.spec",
+    "lora_linear_class": "megatron_lora.layers.registry",
+    "is_lora_linear": "megatron_lora.layers.registry",
+    "apply_lora_to_megatron_model": "megatron_lora.apply",
+    "get_lora_parameters": "megatron_lora.apply",
+    "mark_only_lora_as_trainable": "megatron_lora.apply",
+    "merge_lora_weights": "megatron_lora.merge",
+    "unmerge_lora_weights": "megatron_lora.merge",
+    "disable_lora": "megatron_lora.merge",
+    "iter_merged_weights": "megatron_lora.merge",
+    "save_dist_checkpoint": "megatron_lora.dist_checkpoint",
+    "load_dist_checkpoint": "megatron_lora.dist_checkpoint",
+    "save_lora_checkpoint": "megatron_lora.adapter_checkpoint",
+    "load_lora_checkpoint": "megatron_lora.adapter_checkpoint",
+    "export_peft_adapter": "megatron_lora.peft",
+    "import_peft_adapter": "megatron_lora.peft",
+    "merged_weights": "megatron_lora.weight_sync",
+    "iter_merged_tensors": "megatron_lora.weight_sync",
+}
+
+__all__ = ["LoRAConfig", "add_lora_arguments", "MEGATRON_TARGET_MODULES", "is_lora_parameter",
+           "get_gpt_lora_spec", "gpt_lora_spec", "custom_megatron_init", "read_lora_checkpoint",
+           *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'megatron_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

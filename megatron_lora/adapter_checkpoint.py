@@ -1,50 +1,33 @@
-"""Adapter-only checkpoints: the LoRA tensors, full and unsharded, in one safetensors file.
+"""Adapter-only checkpoints of a live model (the file format: `interop/adapter_file.py`).
 
     save_lora_checkpoint(model, "run/adapter.safetensors")   # every rank calls; rank 0 writes
     load_lora_checkpoint(model, "run/adapter.safetensors")   # every rank calls; any TP/PP size
 
-Tensor names are the adapters' places in the unsplit model
-(`decoder.layers.3.mlp.linear_fc1.lora_B.weight`), whatever the TP, PP or virtual-pipeline
-split. The safetensors metadata carries a JSON header: the `LoRAConfig`, the model geometry
-(enough to split fused adapters offline, e.g. for a PEFT export) and a SHA-256 of every tensor,
-so a corrupted file is detected instead of loaded as garbage. The file is written atomically:
-a process killed mid-save leaves the previous checkpoint intact.
+Saving gathers each adapter over TP to its full tensor and the pipeline stages' tensors to
+rank 0; loading checks on every rank that the file fits the model (config, geometry, names,
+shapes) before it writes this rank's shard of each tensor.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
 from lora_common import LoRAConfig
-from lora_common.atomic import atomic_save_safetensors
-from megatron_lora import sharding
-from megatron_lora.hf_layout import Geometry
-from megatron_lora.lora_layer import canonical_lora_modules, model_chunks
+from megatron_lora.interop.adapter_file import (
+    AdapterCheckpoint,
+    read_lora_checkpoint,
+    write_adapter_checkpoint,
+)
+from megatron_lora.interop.geometry import Geometry
+from megatron_lora.layers import sharding
+from megatron_lora.model import lora_modules
 
-FORMAT = "megatron-lora-adapter"
-FORMAT_VERSION = 1
-HEADER_KEY = "megatron_lora"
 # Fields of LoRAConfig that change what an adapter computes; a checkpoint must agree on them.
 FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules")
-
-
-@dataclass(frozen=True)
-class AdapterCheckpoint:
-    """An adapter checkpoint read into memory: full tensors by name, and its header."""
-
-    tensors: dict[str, torch.Tensor]
-    config: LoRAConfig
-    geometry: Geometry
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
+MATRICES = ("lora_A", "lora_B")
 
 
 def _world() -> tuple[int, int]:
@@ -72,17 +55,10 @@ def _all_gather_objects(obj) -> list:
 
 
 def _is_first_replica() -> bool:
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return True
     return (parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0)
-
-
-def _lora_modules(model) -> dict[str, torch.nn.Module]:
-    return {name: module for chunk in model_chunks(model)
-            for name, module in canonical_lora_modules(chunk)}
 
 
 def _config_and_geometry(modules: dict) -> tuple[LoRAConfig, Geometry]:
@@ -95,11 +71,11 @@ def _config_and_geometry(modules: dict) -> tuple[LoRAConfig, Geometry]:
 def gather_adapter(model) -> AdapterCheckpoint | None:
     """The model's adapters as full tensors named by their place in the unsplit model, with
     config and geometry: on rank 0; None on the other ranks. Call on every rank."""
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     config, geometry = _config_and_geometry(modules)
     tensors = {}
     for name, module in modules.items():
-        for matrix in ("lora_A", "lora_B"):
+        for matrix in MATRICES:
             param = getattr(module, matrix).weight
             tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(
                 param, module.lora_tp_group).cpu()
@@ -117,46 +93,9 @@ def save_lora_checkpoint(model, path: str | Path) -> None:
     Call on every rank, like a collective."""
     checkpoint = gather_adapter(model)
     if checkpoint is not None:
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "lora_config": checkpoint.config.to_dict(),
-                  "geometry": checkpoint.geometry.to_dict(),
-                  "sha256": {name: _digest(t) for name, t in checkpoint.tensors.items()}}
-        atomic_save_safetensors(checkpoint.tensors, path, metadata={HEADER_KEY: json.dumps(header)})
+        write_adapter_checkpoint(checkpoint, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
-    """Read and verify an adapter checkpoint (no model needed). Raises `ValueError` naming the
-    file and the problem: unreadable or truncated file, foreign format, a tensor whose bytes do
-    not match the recorded SHA-256."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: no megatron-lora header; not an adapter checkpoint") from error
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {header.get('format')!r} version "
-                         f"{header.get('format_version')!r}; expected {FORMAT!r} {FORMAT_VERSION}")
-    digests = header.get("sha256", {})
-    if sorted(digests) != sorted(tensors):
-        raise ValueError(f"{path}: header lists tensors {sorted(set(digests) ^ set(tensors))} "
-                         f"that the file does not hold, or the reverse")
-    for name, tensor in tensors.items():
-        if _digest(tensor) != digests[name]:
-            raise ValueError(f"{path}: tensor {name} is corrupted (SHA-256 mismatch)")
-    return AdapterCheckpoint(tensors, LoRAConfig.from_dict(header["lora_config"]),
-                             Geometry.from_dict(header["geometry"]))
 
 
 def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: str) -> list[str]:
@@ -172,15 +111,12 @@ def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: str) -> list[s
     except ValueError as error:
         problems.append(f"{path}: {error}")
     for name, module in modules.items():
-        for matrix in ("lora_A", "lora_B"):
+        for matrix in MATRICES:
             key = f"{name}.{matrix}.weight"
             if key not in checkpoint.tensors:
                 problems.append(f"{path} lacks tensor {key}")
                 continue
-            param = getattr(module, matrix).weight
-            shape = list(param.shape)
-            if getattr(param, "tensor_model_parallel", False) and module.lora_tp_group is not None:
-                shape[param.partition_dim] *= module.lora_tp_group.size()
+            shape = sharding.full_shape(getattr(module, matrix).weight, module.lora_tp_group)
             if list(checkpoint.tensors[key].shape) != shape:
                 problems.append(f"{path}: tensor {key} has shape "
                                 f"{list(checkpoint.tensors[key].shape)}, the model needs {shape}")
@@ -197,12 +133,12 @@ def load_lora_checkpoint(model, path: str | Path) -> None:
 def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
     """Copy full adapter tensors into this rank's LoRA parameters, after checking on every
     rank that they fit (`source` names them in errors). Call on every rank."""
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     local_problems = _problems(checkpoint, modules, source)
     # The expected key set spans every pipeline stage; each rank knows only its own layers.
     expected, problems = set(), []
     for keys, rank_problems in _all_gather_objects(
-            ({f"{n}.{m}.weight" for n in modules for m in ("lora_A", "lora_B")}, local_problems)):
+            ({f"{n}.{m}.weight" for n in modules for m in MATRICES}, local_problems)):
         expected |= keys
         problems += [p for p in rank_problems if p not in problems]
     extra = sorted(set(checkpoint.tensors) - expected)
@@ -212,7 +148,7 @@ def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
         raise ValueError(f"cannot load adapter from {source}: " + "; ".join(problems))
     with torch.no_grad():
         for name, module in modules.items():
-            for matrix in ("lora_A", "lora_B"):
+            for matrix in MATRICES:
                 param = getattr(module, matrix).weight
                 full = checkpoint.tensors[f"{name}.{matrix}.weight"]
                 param.copy_(sharding.local_shard(full, param, module.lora_tp_group))

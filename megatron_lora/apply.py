@@ -8,19 +8,16 @@ spec route does, so both routes give identical models.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
-from megatron_lora.lora_layer import (
-    freeze_base_parameters,
-    model_chunks,
-    place_adapter,
-    place_lora,
-    transformer_layers,
-)
-from megatron_lora.lora_linear import LoRAMatrix, is_lora_linear, lora_linear_class, supports_lora
+from lora_common.state import freeze_all_but_adapters, is_lora_parameter
+from megatron_lora.layers.placement import place_adapter, place_lora
+from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
+from megatron_lora.model import model_chunks, transformer_layers
 
 
 def as_lora_config(args_or_config: LoRAConfig | argparse.Namespace | Any) -> LoRAConfig:
@@ -70,10 +67,10 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
         for layer in layers.values():
             place_lora(layer, config)
         for name, module in list(chunk.named_modules()):
-            if is_lora_linear(module) and not any(name.startswith(f"{l}.") for l in layers):
+            if is_lora_linear(module) and not any(name.startswith(f"{p}.") for p in layers):
                 place_adapter(module, config, None, name)  # an adapter outside any layer
         if config.only_trainable:
-            freeze_base_parameters(chunk)
+            freeze_all_but_adapters(chunk)
     return model
 
 
@@ -89,37 +86,13 @@ def get_lora_parameters(model) -> dict[str, torch.nn.Parameter]:
     params = {}
     for index, chunk in enumerate(model_chunks(model)):
         prefix = f"{index}." if isinstance(model, (list, tuple)) else ""
-        for name, module in chunk.named_modules():
-            if isinstance(module, LoRAMatrix):
-                params[f"{prefix}{name}.weight"] = module.weight
+        for name, param in chunk.named_parameters():
+            if is_lora_parameter(name):
+                params[prefix + name] = param
     return params
 
 
 def mark_only_lora_as_trainable(model) -> None:
     """Freeze every parameter but the adapters' (which are made trainable)."""
     for chunk in model_chunks(model):
-        freeze_base_parameters(chunk)
-
-
-def custom_megatron_init(args: argparse.Namespace) -> None:
-    """For slime's `--custom-megatron-init-path megatron_lora.custom_megatron_init`.
-
-    slime calls it at the end of Megatron's initialization, before any model is built. With
-    `--use-lora` it points `--spec` at `get_gpt_lora_spec` (a `--spec` the user set becomes
-    `--lora-base-spec`, the base that LoRA wraps) and, with `--lora-only-trainable`, tells slime's own freezing step
-    (`--only-train-params-name-list`) to keep only the adapters trainable, which also freezes
-    the embedding and output layer that the layer spec does not reach.
-    """
-    if not getattr(args, "use_lora", False):
-        return
-    config = as_lora_config(args)  # validate the flags early, with a clear error
-    ours = ["megatron_lora", "get_gpt_lora_spec"]
-    spec = list(args.spec) if getattr(args, "spec", None) else None
-    if spec and spec != ours:
-        if getattr(args, "lora_base_spec", None):
-            raise ValueError(f"--use-lora: both --spec {' '.join(spec)} and --lora-base-spec "
-                             f"are set; give the base spec once, as --lora-base-spec")
-        args.lora_base_spec = spec  # LoRA wraps the spec the user chose
-    args.spec = ours
-    if config.only_trainable:
-        args.only_train_params_name_list = [r"\.lora_[AB]\.weight$"]
+        freeze_all_but_adapters(chunk)

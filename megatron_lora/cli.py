@@ -13,10 +13,13 @@ from pathlib import Path
 
 
 def _export_peft(args: argparse.Namespace) -> int:
-    from megatron_lora.peft_export import export_peft_adapter
+    from megatron_lora.interop import hf_mapping
+    from megatron_lora.interop.adapter_file import read_lora_checkpoint
+    from megatron_lora.interop.peft_export import export_checkpoint
 
-    export_peft_adapter(args.checkpoint, args.out, base_model_name_or_path=args.base_model,
-                        architecture=args.architecture)
+    hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
+    export_checkpoint(read_lora_checkpoint(args.checkpoint), args.out,
+                      base_model_name_or_path=args.base_model)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -47,7 +50,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
                 ("layers", f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "?"),
                 ("hidden (A's input of the first module)", str(first_A.shape[1])),
                 ("base model", str(adapter.config.get("base_model_name_or_path")))]
-    from megatron_lora.adapter_checkpoint import read_lora_checkpoint
+    from megatron_lora.interop.adapter_file import read_lora_checkpoint
 
     checkpoint = read_lora_checkpoint(path)
     config, geometry = checkpoint.config, checkpoint.geometry

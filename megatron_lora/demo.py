@@ -67,7 +67,7 @@ def _loss_and_accuracy(model, tokens, labels):
 
 
 def _train(model, config, task, steps, lr, args, label):
-    from megatron_lora.ddp_training import train_with_megatron_ddp
+    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp
 
     def loss(ddp, step):
         tokens, labels = task_batch(task, args.vocab, args.batch, args.seq, step)
@@ -188,7 +188,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_lora.launch import run_on_ranks
+    from megatron_lora.runtime.launch import run_on_ranks
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

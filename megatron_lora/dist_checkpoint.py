@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_lora.lora_layer import model_chunks
+from lora_common.state import is_lora_parameter
+from megatron_lora.model import model_chunks
 
 
 def _sharded_state_dict(model) -> dict:
@@ -30,7 +31,8 @@ def save_dist_checkpoint(model, ckpt_dir: str) -> None:
 
 
 def _is_adapter_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
+    # Megatron's SwiGLU factory keys the halves of fc1's B `<key>_w` and `<key>_v`.
+    return is_lora_parameter(key.removesuffix("_w").removesuffix("_v"))
 
 
 def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:

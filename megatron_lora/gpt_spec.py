@@ -1,16 +1,21 @@
-"""GPT layer specs with LoRA: the `--spec megatron_lora get_gpt_lora_spec` entry point.
+"""The entry points Megatron launchers call by name: `--spec megatron_lora get_gpt_lora_spec`
+and slime's `--custom-megatron-init-path megatron_lora.custom_megatron_init`.
 
 slime's model provider imports the function named by `--spec` and calls it as
 `fn(args, config, vp_stage)`; the returned spec replaces the default one. Without
 `--lora-base-spec`, the base is the spec slime (and Megatron-LM) would build by default.
+
+Megatron resolves `--spec` with `vars(module)[name]`, so `megatron_lora` binds these names
+eagerly; this module therefore imports megatron only inside its functions, which run once
+Megatron is initialized (`import megatron_lora` itself needs no megatron-core).
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from lora_common import LoRAConfig
-from megatron_lora.spec import lora_spec
 
 
 def gpt_lora_spec(
@@ -26,6 +31,8 @@ def gpt_lora_spec(
     with LoRA. TE spec when Transformer Engine imports (unless `use_transformer_engine` says
     otherwise); the MoE decoder block spec when `num_experts` is set. Extra keyword arguments go
     to Megatron's layer-spec function (e.g. `qk_layernorm=True`)."""
+    from megatron_lora.spec import lora_spec
+
     return lora_spec(
         default_gpt_spec(config, use_transformer_engine=use_transformer_engine,
                          num_experts=num_experts, vp_stage=vp_stage, **layer_spec_kwargs),
@@ -37,6 +44,8 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     """`--spec megatron_lora get_gpt_lora_spec`: the base spec (from `--lora-base-spec MODULE
     FUNCTION`, called like `--spec` functions, or Megatron's default GPT spec) with LoRA
     configured by the `--lora-*` flags."""
+    from megatron_lora.spec import lora_spec
+
     lora = LoRAConfig.from_args(args)
     base_spec = getattr(args, "lora_base_spec", None)
     if base_spec:
@@ -86,3 +95,28 @@ def te_available() -> bool:
     from megatron.core.models.gpt import gpt_layer_specs
 
     return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def custom_megatron_init(args: argparse.Namespace) -> None:
+    """For slime's `--custom-megatron-init-path megatron_lora.custom_megatron_init`.
+
+    slime calls it at the end of Megatron's initialization, before any model is built. With
+    `--use-lora` it points `--spec` at `get_gpt_lora_spec` (a `--spec` the user set becomes
+    `--lora-base-spec`, the base that LoRA wraps) and, with `--lora-only-trainable`, tells
+    slime's own freezing step (`--only-train-params-name-list`) to keep only the adapters
+    trainable, which also freezes the embedding and output layer that the layer spec does not
+    reach.
+    """
+    if not getattr(args, "use_lora", False):
+        return
+    config = LoRAConfig.from_args(args)  # validate the flags early, with a clear error
+    ours = ["megatron_lora", "get_gpt_lora_spec"]
+    spec = list(args.spec) if getattr(args, "spec", None) else None
+    if spec and spec != ours:
+        if getattr(args, "lora_base_spec", None):
+            raise ValueError(f"--use-lora: both --spec {' '.join(spec)} and --lora-base-spec "
+                             f"are set; give the base spec once, as --lora-base-spec")
+        args.lora_base_spec = spec  # LoRA wraps the spec the user chose
+    args.spec = ours
+    if config.only_trainable:
+        args.only_train_params_name_list = [r"\.lora_[AB]\.weight$"]

@@ -16,9 +16,12 @@ import dataclasses
 import functools
 from typing import Any
 
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
-from megatron_lora.lora_layer import lora_layer_class
-from megatron_lora.lora_linear import lora_linear_class, supports_lora
+from megatron_lora.layers.placement import lora_layer_class
+from megatron_lora.layers.registry import lora_linear_class, supports_lora
 
 
 def lora_spec(spec: Any, config: LoRAConfig) -> Any:
@@ -28,9 +31,6 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
     Raises `ValueError` when a target names no submodule (listing the linear submodules
     that do exist) and when a target is a class LoRA does not support.
     """
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
     config = config.resolve_targets(MEGATRON_TARGET_MODULES)
     walk = _SpecWalk(config)
     if isinstance(spec, TransformerBlockSubmodules):
@@ -63,8 +63,6 @@ class _SpecWalk:
         return spec
 
     def node(self, node, path: str):
-        from megatron.core.transformer.spec_utils import ModuleSpec
-
         if isinstance(node, ModuleSpec):
             return dataclasses.replace(node, submodules=self.node(node.submodules, path))
         if isinstance(node, functools.partial):
@@ -95,8 +93,6 @@ class _SpecWalk:
     def target(self, value, where: str):
         """The LoRA version of a target submodule: a class, a ModuleSpec of a class, or a
         partial of a class."""
-        from megatron.core.transformer.spec_utils import ModuleSpec
-
         cls = _module_class(value)
         if cls is None or not supports_lora(cls):
             raise ValueError(f"LoRA target {where!r} is {getattr(cls, '__name__', cls)!r}, "
@@ -111,8 +107,6 @@ class _SpecWalk:
 
 def _module_class(value):
     """The class a spec entry builds, if it is a class, a ModuleSpec of one, or a partial."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
     if isinstance(value, ModuleSpec):
         value = value.module
     if isinstance(value, functools.partial):

@@ -19,25 +19,18 @@ of one TP shard, which the sharding rule makes exact; gather after merging, neve
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from megatron_lora.lora_linear import merged_shard
-from megatron_lora.merge import lora_modules
-
-_ADAPTER = re.compile(r"(?:^|\.)lora_([AB])\.weight$")
+from lora_common.state import adapter_prefix, is_lora_parameter, require_state
+from megatron_lora.layers.functional import merged_shard
+from megatron_lora.model import lora_modules
 
 # What weight-sync code reads off a tensor to gather and convert it (Megatron's TP layout,
 # TE's parallel mode, SP and DDP marks): a merged shard carries its base weight's.
 LAYOUT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride",
                      "parallel_mode", "sequence_parallel", "allreduce", "shared")
-
-
-def is_lora_parameter(name: str) -> bool:
-    """Whether `name` is an adapter matrix: `...lora_A.weight` or `...lora_B.weight`."""
-    return _ADAPTER.search(name) is not None
 
 
 class MergedWeights(Mapping):
@@ -88,10 +81,9 @@ def _adapter_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, 
     """`{base weight: (A, B)}` for every adapter in `tensors`; every problem named at once."""
     pairs, problems, seen = {}, [], set()
     for name in tensors:
-        match = _ADAPTER.search(name)
-        if match is None:
+        prefix = adapter_prefix(name)
+        if prefix is None:
             continue
-        prefix = name[:match.start()] + ("." if match.group(0).startswith(".") else "")
         if prefix in seen:
             continue  # the pair was handled from its other matrix
         seen.add(prefix)
@@ -124,15 +116,10 @@ def merged_weights(tensors: Mapping[str, torch.Tensor], model, device=None) -> M
             raise ValueError(f"merged_weights: the tensors hold adapter matrices ({stray[0]!r}, "
                              f"{len(stray)} in all) but the model has no LoRA module")
         return tensors
-    merged = sum(m.lora_merged for m in modules)
-    if merged:
-        raise RuntimeError(f"merged_weights: {merged} LoRA module(s) are merged in place; "
-                           f"their weights already hold the adapter")
-    disabled = sum(bool(m.lora_disabled) for m in modules)
-    if disabled:
-        raise RuntimeError(f"merged_weights: called inside disable_lora ({disabled} module(s)); "
-                           f"the merged model is not the base model that context promises")
-    scalings = sorted({m.lora_scaling for m in modules})
+    # Merged in place, the weights already hold the adapter; inside disable_lora, the merged
+    # model is not the base model that context promises.
+    require_state(modules, "merged_weights", merged=False, disabled=False, model=model)
+    scalings = sorted({m.lora_scaling for m in modules.values()})
     if len(scalings) != 1:
         raise ValueError(f"merged_weights: the model's LoRA modules disagree on the scaling "
                          f"{scalings}")

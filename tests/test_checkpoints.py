@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 
@@ -135,14 +135,14 @@ def write_variant(source, target, mutate):
     from safetensors import safe_open
 
     from lora_common.atomic import atomic_save_safetensors
-    from megatron_lora import adapter_checkpoint
+    from megatron_lora.interop import adapter_file
 
     with safe_open(str(source), framework="pt") as f:
-        header = json.loads(f.metadata()[adapter_checkpoint.HEADER_KEY])
+        header = json.loads(f.metadata()[adapter_file.HEADER_KEY])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     mutate(tensors, header)
-    header["sha256"] = {k: adapter_checkpoint._digest(t) for k, t in tensors.items()}
-    atomic_save_safetensors(tensors, target, {adapter_checkpoint.HEADER_KEY: json.dumps(header)})
+    header["sha256"] = {k: adapter_file.tensor_digest(t) for k, t in tensors.items()}
+    atomic_save_safetensors(tensors, target, {adapter_file.HEADER_KEY: json.dumps(header)})
 
 
 def adapter_mismatches(tmp):
@@ -196,9 +196,10 @@ KILLED_SAVE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     torch.distributed.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
-    from megatron_lora.launch import initialize_model_parallel
+    from megatron_lora.runtime.launch import initialize_model_parallel
     initialize_model_parallel(tp=1)
-    import lora_helpers, test_checkpoints
+    import test_checkpoints
+    from support import lora_helpers
     from megatron_lora import save_lora_checkpoint
     model = test_checkpoints.lora_model()
     lora_helpers.set_nonzero_B(model, seed=99)

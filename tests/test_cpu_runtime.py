@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-import tiny_gpt
-from megatron_lora.launch import RankError, initialize_model_parallel, run_on_ranks
+from support import tiny_gpt
+from megatron_lora.runtime.launch import RankError, initialize_model_parallel, run_on_ranks
 
 
 def loss_and_grad_norms():

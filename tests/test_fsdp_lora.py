@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from fsdp_llama import build_llama, randomize_lora, token_batches
+from support.fsdp_llama import build_llama, randomize_lora, token_batches
 from fsdp_lora import (HF_TARGET_MODULES, LoRAConfig, LoRALinear, add_lora_arguments,
                        apply_lora_to_fsdp_model, disable_lora, get_lora_parameters,
                        iter_merged_weights, load_peft_adapter, mark_only_lora_as_trainable,
@@ -187,7 +187,7 @@ def test_layer_gradients_equal_autograd_of_the_plain_formula(base_trains):
         ([layer.weight, layer.bias] if base_trains else [])
     grad = torch.randn(2, 4, 5, dtype=torch.float64)
     ours = torch.autograd.grad(layer(x), params, grad)
-    plain = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scaling * (
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.lora_scaling * (
         x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     expected = torch.autograd.grad(plain, params, grad)
     for name, a, b in zip(["x", "A", "B", "W", "b"], ours, expected):
@@ -231,7 +231,7 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
 
     merge_lora_weights(ours)
     merged_once = {n: p.clone() for n, p in ours.named_parameters()}
-    with pytest.raises(RuntimeError, match="merge_lora_weights: 14 LoRA module.s. are already merged"):
+    with pytest.raises(RuntimeError, match=r"merge_lora_weights: 14 LoRA module\(s\) are merged \(unmerge_lora_weights first\), e.g. 'model.layers.0.self_attn.q_proj'"):
         merge_lora_weights(ours)                   # refused before adding anything twice
     assert all(torch.equal(p, merged_once[n]) for n, p in ours.named_parameters())
     state = ours.state_dict()
@@ -245,7 +245,7 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
     for name, value in ours.named_parameters():
         torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(ours), lora_logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="already unmerged"):
+    with pytest.raises(RuntimeError, match=r"unmerge_lora_weights: 14 LoRA module\(s\) are not merged"):
         unmerge_lora_weights(ours)
 
 
@@ -268,7 +268,7 @@ def test_disable_lora_is_the_base_model_nests_and_restores_on_error():
             merge_lora_weights(ours)
     assert all(torch.equal(streamed[n], p) for n, p in base.named_parameters())
     merge_lora_weights(ours)
-    with pytest.raises(RuntimeError, match="merged into its base weight"):
+    with pytest.raises(RuntimeError, match=r"disable_lora: 14 LoRA module\(s\) are merged"):
         with disable_lora(ours):
             pass
 
@@ -295,7 +295,7 @@ def test_trainable_parameters_and_flags():
     args = parser.parse_args("--lora-r 2 --lora-target-modules q_proj v_proj "
                              "--no-lora-only-trainable".split())
     model = apply_lora_to_fsdp_model(build_llama(), args)
-    assert model.model.layers[0].self_attn.q_proj.r == 2
+    assert model.model.layers[0].self_attn.q_proj.lora_config.r == 2
     assert not isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
     assert all(p.requires_grad for p in model.parameters())         # base left trainable
     mark_only_lora_as_trainable(model)

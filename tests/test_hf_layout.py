@@ -1,16 +1,17 @@
-"""`megatron_lora.hf_layout` against real transformers and megatron-core: the name mapping names
+"""`megatron_lora.interop.hf_mapping` against real transformers and megatron-core: the name mapping names
 real modules, the fused layouts are the ones Megatron computes with, and a Megatron GPTModel
 converted through them computes the HF model's logits at TP=1, TP=2 and TP=2 with SP."""
 
 import pytest
 import torch
 
-import hf_llama
+from support import hf_llama
 from lora_common import HF_TARGET_MODULES, MEGATRON_TARGET_MODULES
-from megatron_lora import hf_layout
-from megatron_lora.hf_layout import Geometry, fuse_fc1, fuse_qkv, split_fc1, split_qkv
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
-from megatron_lora.sharding import shard
+from megatron_lora.interop import hf_mapping
+from megatron_lora.interop.geometry import Geometry
+from megatron_lora.interop.hf_mapping import fuse_fc1, fuse_qkv, split_fc1, split_qkv
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.layers.sharding import shard
 
 
 # --- layouts on plain tensors ----------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_layout_errors_name_the_culprit():
     with pytest.raises(ValueError, match=r"gate \(2, 3\) and up \(3, 3\) differ"):
         fuse_fc1(torch.zeros(2, 3), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="expected 3 tensors .q_proj, k_proj, v_proj., got 2"):
-        hf_layout.fuse_target("linear_qkv", [torch.zeros(1)] * 2, Geometry(1, 8, 2, 1, 4, 8))
+        hf_mapping.fuse_target("linear_qkv", [torch.zeros(1)] * 2, Geometry(1, 8, 2, 1, 4, 8))
 
 
 def test_split_target_routes_each_megatron_target():
@@ -73,11 +74,11 @@ def test_split_target_routes_each_megatron_target():
     for target, rows in [("linear_qkv", geometry.qkv_rows), ("linear_fc1", geometry.fc1_rows),
                          ("linear_proj", 8), ("linear_fc2", 8)]:
         fused = torch.randn(rows, 3)
-        parts = hf_layout.split_target(target, fused, geometry)
-        assert len(parts) == len(hf_layout.hf_leaves(target))
-        assert torch.equal(hf_layout.fuse_target(target, parts, geometry), fused)
+        parts = hf_mapping.split_target(target, fused, geometry)
+        assert len(parts) == len(hf_mapping.hf_leaves(target))
+        assert torch.equal(hf_mapping.fuse_target(target, parts, geometry), fused)
     with pytest.raises(ValueError, match="non-gated MLP"):
-        hf_layout.split_target("linear_fc1", torch.zeros(6, 3),
+        hf_mapping.split_target("linear_fc1", torch.zeros(6, 3),
                                Geometry(1, 8, 4, 2, 2, 6, gated_linear_unit=False))
 
 
@@ -89,9 +90,9 @@ def test_unknown_architecture_is_named_with_the_known_ones():
 
     known = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
     with pytest.raises(ValueError, match=f"unknown architecture GPT2LMHeadModel; .* knows {known}"):
-        hf_layout.architecture("GPT2LMHeadModel")
+        hf_mapping.architecture("GPT2LMHeadModel")
     with pytest.raises(ValueError, match="unknown architecture model_type 'gpt2'"):
-        hf_layout.architecture(GPT2Config())
+        hf_mapping.architecture(GPT2Config())
     with pytest.raises(ValueError, match="unknown architecture Qwen3MoeForCausalLM"):
         Geometry.from_hf(type("Config", (), {"architectures": ["Qwen3MoeForCausalLM"]})())
 
@@ -99,7 +100,7 @@ def test_unknown_architecture_is_named_with_the_known_ones():
 @pytest.mark.parametrize("model_type", list(hf_llama.VARIANTS))
 def test_mapping_names_the_real_hf_modules_and_their_extras(model_type):
     model = hf_llama.build_hf_model(hf_llama.hf_config(model_type))
-    arch = hf_layout.architecture(model.config)
+    arch = hf_mapping.architecture(model.config)
     assert type(model).__name__ == arch.name
     attention = model.model.layers[0].self_attn
     assert arch.qkv_bias == (attention.q_proj.bias is not None)
@@ -107,41 +108,41 @@ def test_mapping_names_the_real_hf_modules_and_their_extras(model_type):
     # The four targets name exactly the Linear modules of the decoder layers.
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
     mapped = {n for layer in range(model.config.num_hidden_layers)
-              for target in MEGATRON_TARGET_MODULES for n in hf_layout.hf_module_names(layer, target)}
+              for target in MEGATRON_TARGET_MODULES for n in hf_mapping.hf_module_names(layer, target)}
     assert mapped == linears
     for name in linears:
-        layer, leaf = hf_layout.parse_hf_module("base_model.model." + name)
-        assert name in hf_layout.hf_module_names(layer, hf_layout.megatron_target(leaf))
+        layer, leaf = hf_mapping.parse_hf_module("base_model.model." + name)
+        assert name in hf_mapping.hf_module_names(layer, hf_mapping.megatron_target(leaf))
 
 
 def test_target_module_names_round_trip():
-    assert hf_layout.hf_target_modules(MEGATRON_TARGET_MODULES) == list(HF_TARGET_MODULES)
-    assert hf_layout.hf_target_modules(["linear_fc2", "linear_qkv"]) == ["q_proj", "k_proj", "v_proj", "down_proj"]
-    assert {hf_layout.megatron_target(leaf) for leaf in HF_TARGET_MODULES} == set(MEGATRON_TARGET_MODULES)
+    assert hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES) == list(HF_TARGET_MODULES)
+    assert hf_mapping.hf_target_modules(["linear_fc2", "linear_qkv"]) == ["q_proj", "k_proj", "v_proj", "down_proj"]
+    assert {hf_mapping.megatron_target(leaf) for leaf in HF_TARGET_MODULES} == set(MEGATRON_TARGET_MODULES)
     for target in MEGATRON_TARGET_MODULES:
-        name = "module.module." + hf_layout.megatron_module_name(3, target)
-        assert hf_layout.parse_megatron_module(name) == (3, target)
+        name = "module.module." + hf_mapping.megatron_module_name(3, target)
+        assert hf_mapping.parse_megatron_module(name) == (3, target)
     with pytest.raises(ValueError, match="'decoder.layers.0.mlp.linear_fc3' is not a Megatron"):
-        hf_layout.parse_megatron_module("decoder.layers.0.mlp.linear_fc3")
+        hf_mapping.parse_megatron_module("decoder.layers.0.mlp.linear_fc3")
     with pytest.raises(ValueError, match="unknown HF LoRA target 'qkv_proj'"):
-        hf_layout.megatron_target("qkv_proj")
+        hf_mapping.megatron_target("qkv_proj")
     with pytest.raises(ValueError, match="unknown Megatron LoRA target 'q_proj'"):
-        hf_layout.hf_target_modules(["q_proj"])
+        hf_mapping.hf_target_modules(["q_proj"])
 
 
 def test_te_spec_fused_norm_names_map_like_the_local_spec_norms():
     pairs = [("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
              ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")]
     for te_name, local_name in pairs:
-        te = hf_layout.hf_param(f"module.decoder.layers.1.{te_name}")
-        assert te == hf_layout.hf_param(f"decoder.layers.1.{local_name}")
-    assert hf_layout.hf_param("decoder.layers.1.mlp.linear_fc1.layer_norm_weight").hf_names == (
+        te = hf_llama.hf_param(f"module.decoder.layers.1.{te_name}")
+        assert te == hf_llama.hf_param(f"decoder.layers.1.{local_name}")
+    assert hf_llama.hf_param("decoder.layers.1.mlp.linear_fc1.layer_norm_weight").hf_names == (
         "model.layers.1.post_attention_layernorm.weight",)
-    qkv_bias = hf_layout.hf_param("decoder.layers.0.self_attention.linear_qkv.bias")
+    qkv_bias = hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv.bias")
     assert qkv_bias.target == "linear_qkv" and qkv_bias.hf_names[2] == "model.layers.0.self_attn.v_proj.bias"
     with pytest.raises(ValueError, match="no HF Llama-family counterpart for Megatron parameter "
                                          "'decoder.layers.0.self_attention.linear_qkv._extra_state'"):
-        hf_layout.hf_param("decoder.layers.0.self_attention.linear_qkv._extra_state")
+        hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv._extra_state")
 
 
 def test_geometry_round_trips_and_rejects_bad_headers():
@@ -213,7 +214,7 @@ def conversions_at_every_layout():
             gpt = hf_llama.gpt_from_hf(hf_model, sequence_parallel=sp)
             out["logits"][model_type, tp, sp] = (hf_llama.hf_logits(hf_model, input_ids),
                                                  hf_llama.gpt_logits(gpt, input_ids))
-            if not sp and not hf_layout.architecture(hf_model.config).qk_norm:
+            if not sp and not hf_mapping.architecture(hf_model.config).qk_norm:
                 out["qkv"][model_type, tp] = per_head_qkv_of_both(hf_model, gpt)
 
     llama = hf_models["llama"]
@@ -275,7 +276,7 @@ def test_geometry_and_module_names_agree_with_the_built_gpt(conversions):
     assert from_megatron == from_hf
     # The four targets name exactly the linears of Megatron's decoder layers.
     assert conversions[0]["megatron_decoder_linears"] == {
-        hf_layout.megatron_module_name(layer, target)
+        hf_mapping.megatron_module_name(layer, target)
         for layer in range(2) for target in MEGATRON_TARGET_MODULES}
 
 

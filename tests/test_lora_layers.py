@@ -4,10 +4,10 @@ the init does not depend on TP, and the parameter attributes and count are right
 import pytest
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, True), (2, False), (1, False)]

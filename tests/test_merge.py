@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, True), (1, False)]
@@ -101,9 +101,9 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores(cases, layout):
         r = rank[layout]
         assert r["merged_logits_close"] < 1e-5
         assert r["unmerge_ulps"] <= 1.0  # fp32: bit-exact or within one unit in the last place
-        assert "already merged" in r["double_merge"]
-        assert "merged; their weights hold the adapter" in r["disable_merged"]
-        assert "not merged" in r["double_unmerge"]
+        assert "LoRA module(s) are merged (unmerge_lora_weights first)" in r["double_merge"]
+        assert "disable_lora: 8 LoRA module(s) are merged" in r["disable_merged"]
+        assert "unmerge_lora_weights: 8 LoRA module(s) are not merged" in r["double_unmerge"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

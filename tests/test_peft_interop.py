@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hf_llama
-import peft_cases
-from megatron_lora.launch import run_on_ranks
+from support import hf_llama
+from support import peft_cases
+from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, True), (1, False)]
 
@@ -149,8 +149,8 @@ def test_unknown_architecture_is_refused(exported, tmp_path):
 
 
 def test_ranks_over_the_serving_limit_warn(exported, tmp_path):
-    from megatron_lora.adapter_checkpoint import read_lora_checkpoint
-    from megatron_lora.peft_export import export_checkpoint, serving_warnings
+    from megatron_lora.interop.adapter_file import read_lora_checkpoint
+    from megatron_lora.interop.peft_export import export_checkpoint, serving_warnings
 
     out, _ = exported
     assert serving_warnings(16) == [] and serving_warnings(12) == []

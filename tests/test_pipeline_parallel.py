@@ -3,10 +3,10 @@ PP sizes (each stage holds different layers; rank 0 gathers them all)."""
 
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 
@@ -24,10 +24,10 @@ def stage_model(pp_rank: int, pp: int, **overrides):
 
 
 def canonical_state(model):
-    from megatron_lora.lora_layer import canonical_lora_modules
+    from megatron_lora.model import lora_modules
 
     return {f"{name}.{m}": getattr(module, m).weight.detach().clone()
-            for name, module in canonical_lora_modules(model) for m in ("lora_A", "lora_B")}
+            for name, module in lora_modules(model).items() for m in ("lora_A", "lora_B")}
 
 
 def pp_cases(path):

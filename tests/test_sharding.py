@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_lora.sharding import shard, unshard
+from megatron_lora.layers.sharding import shard, unshard
 
 
 @pytest.mark.parametrize("world, stride, dim", [(1, 1, 0), (2, 1, 0), (2, 2, 0), (4, 2, 1), (2, 1, 1)])

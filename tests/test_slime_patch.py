@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "slime-624b824a-lora.patch"
@@ -279,7 +279,7 @@ def weight_sync_cases():
             getattr(view[n], a) == getattr(live[n], a)
             for n in view.adapters for a in LAYOUT_ATTRIBUTES if hasattr(live[n], a))
         group = lora_helpers.tp_group()
-        from megatron_lora import sharding
+        from megatron_lora.layers import sharding
         r["full"] = {n[len("module.module."):]: sharding.full_tensor(view[n], group)
                      for n in view}
 
@@ -336,7 +336,7 @@ def test_bad_input_is_named(cases):
     assert "no LoRA module" in errors["adapters_without_lora"]
     assert "no LoRA module" in errors["stream_without_lora"]
     assert "pair 4 adapter(s)" in errors["fewer_pairs"] and "8 LoRA module(s)" in errors["fewer_pairs"]
-    assert "merged in place" in errors["merged"]
+    assert "merged_weights: 8 LoRA module(s) are merged" in errors["merged"]
     assert "inside disable_lora" in errors["disabled"]
     assert errors["plain_is_passthrough"] and errors["plain_stream_is_passthrough"]
     assert errors["rule"] == [True, True, False, False, False, False]

@@ -5,9 +5,9 @@ import argparse
 import pytest
 import torch
 
-import tiny_gpt
+from support import tiny_gpt
 from lora_common import LoRAConfig, add_lora_arguments
-from megatron_lora.launch import run_on_ranks
+from megatron_lora.runtime.launch import run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 

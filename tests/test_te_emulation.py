@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import te_emulation
-from megatron_lora.launch import run_on_ranks
+from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, False), (2, True), (1, False)]
 LAYOUT_IDS = ["tp2", "tp2-sp", "tp1"]
@@ -29,14 +29,14 @@ def assert_same(actual, expected, what=""):
 
 @pytest.fixture(scope="module")
 def layer_results():
-    import te_layer_cases
+    from support import te_layer_cases
 
     return run_on_ranks(te_layer_cases.all_layer_cases, world_size=2, setup=te_emulation.enable)
 
 
 @pytest.fixture(scope="module")
 def gpt_results():
-    import te_gpt_cases
+    from support import te_gpt_cases
 
     return run_on_ranks(te_gpt_cases.all_gpt_cases, world_size=2, setup=te_emulation.enable)
 
@@ -186,7 +186,7 @@ def test_te_spec_gpt_equals_local_spec_gpt(gpt_results, layout):
 def test_te_gpt_state_dict_is_the_local_one_renamed_plus_attention_extra_state(gpt_results):
     """Checkpoint keys: the local spec's under the name mapping (megatron's local linears also
     write `_extra_state`), plus TE attention's `_extra_state` (its FP8 metadata in real TE)."""
-    import tiny_gpt
+    from support import tiny_gpt
 
     te_keys, local_keys = gpt_results[0][(2, True)]["state_dict_keys"]
     renamed = {tiny_gpt.te_to_local_name(k) for k in te_keys}

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import te_emulation
-import te_lora_cases
-from megatron_lora.launch import run_on_ranks
+from support import te_lora_cases
+from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, True), (2, False), (1, False)]
 
@@ -18,7 +18,7 @@ def compared():
 
 
 def test_get_gpt_lora_spec_builds_te_lora_layers(compared):
-    assert compared[0][(1, False)]["classes"] == ["LoRAMatrix",
+    assert compared[0][(1, False)]["classes"] == ["LoRAFactor",
         "LoRATELayerNormColumnParallelLinear", "LoRATERowParallelLinear", "LoRATransformerLayer"]
 
 

@@ -4,11 +4,11 @@ only the rank-sized communication the sharding rule implies."""
 import pytest
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig
-from lora_common.collective_bytes import count_collective_bytes
-from megatron_lora.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.runtime.collective_bytes import count_collective_bytes
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, False), (2, True), (1, False)]

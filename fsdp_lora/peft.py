@@ -12,11 +12,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsdp_lora.full_params import copy_full_value_, full_value, hf_module_name, owned_modules
-from fsdp_lora.layer import LoRALinear
-from fsdp_lora.parameters import lora_layers
-from lora_common.peft_files import (ADAPTER_CONFIG_FILE, adapter_config_dict,
-                                    adapter_tensor_key, read_peft_adapter, write_peft_adapter)
+from fsdp_lora.full_params import copy_full_value_, full_value, owned_modules
+from fsdp_lora.layers.linear import LoRALinear
+from fsdp_lora.model import lora_modules
+from lora_common.peft_files import (
+    ADAPTER_CONFIG_FILE,
+    adapter_config_dict,
+    adapter_tensor_key,
+    read_peft_adapter,
+    write_peft_adapter,
+)
+from lora_common.state import require_state
 
 
 def _is_writer() -> bool:
@@ -33,10 +39,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     """Write the model's adapters as a PEFT adapter folder that `peft.PeftModel.from_pretrained`
     (and vLLM / SGLang) load. Under FSDP every rank must call it: the factors are gathered one
     at a time, rank 0 writes, and all ranks return once the files exist."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"save_peft_adapter: {type(model).__name__} has no LoRA adapters")
-    config = layers[0].lora_config
+    layers = lora_modules(model)
+    require_state(layers, "save_peft_adapter", model=model)
+    config = next(iter(layers.values())).lora_config
     writer = _is_writer()
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     plain_linears: list[str] = []
@@ -70,21 +75,20 @@ def _check_fits(layers: dict[str, LoRALinear], adapter) -> None:
         raise ValueError(f"{where}: adapter for {len(unexpected)} module(s) the model has no "
                          f"LoRA on, e.g. {adapter_tensor_key(unexpected[0], 'A')}")
     for name, layer in layers.items():
-        if (adapter.r, adapter.scaling) != (layer.r, layer.scaling):
+        r = layer.lora_config.r
+        if (adapter.r, adapter.scaling) != (r, layer.lora_scaling):
             raise ValueError(
                 f"{adapter.directory / ADAPTER_CONFIG_FILE}: r={adapter.r}, "
                 f"lora_alpha={adapter.alpha}, use_rslora={adapter.use_rslora} (scaling "
-                f"{adapter.scaling:g}) but {name} was built with r={layer.r}, scaling "
-                f"{layer.scaling:g}; build the model with read_peft_adapter(dir).lora_config()")
+                f"{adapter.scaling:g}) but {name} was built with r={r}, scaling "
+                f"{layer.lora_scaling:g}; build the model with read_peft_adapter(dir).lora_config()")
         lora_a, lora_b = adapter.adapters[name]
-        for factor, tensor, expected in (("A", lora_a, (layer.r, layer.in_features)),
-                                         ("B", lora_b, (layer.out_features, layer.r))):
+        for factor, tensor, expected in (("A", lora_a, (r, layer.in_features)),
+                                         ("B", lora_b, (layer.out_features, r))):
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"{where}: {adapter_tensor_key(name, factor)} has shape "
                                  f"{list(tensor.shape)}, but {name} needs {list(expected)}: "
                                  f"the adapter was made for another model geometry")
-        if layer.merged:
-            raise ValueError(f"load_peft_adapter: {name} is merged; unmerge before loading")
 
 
 @torch.no_grad()
@@ -93,11 +97,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     factors. Everything is checked before anything is written: the adapter must cover
     exactly the model's LoRA modules with the same r, scaling and shapes. Under FSDP every
     rank reads the (small) files and keeps its own shard."""
+    layers = lora_modules(model)
+    # Loading into a merged model would leave the old delta inside W.
+    require_state(layers, "load_peft_adapter", merged=False, model=model)
     adapter = read_peft_adapter(directory)
-    layers = {hf_module_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if not layers:
-        raise ValueError(f"load_peft_adapter: {type(model).__name__} has no LoRA adapters; "
-                         f"call apply_lora_to_fsdp_model first")
     _check_fits(layers, adapter)
     for name, module, _ in owned_modules(model, writeback=True):
         if isinstance(module, LoRALinear):

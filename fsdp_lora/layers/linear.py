@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdp_lora.factor import LoRAFactor
-from fsdp_lora.lora_function import lora_linear
+from fsdp_lora.layers.factor import LoRAFactor
+from fsdp_lora.layers.functional import lora_linear
 from lora_common.config import LoRAConfig
+from lora_common.delta import lora_delta
+from lora_common.state import LoRAState
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(LoRAState, nn.Linear):
     """Linear layer with a LoRA adapter.
 
     Args:
@@ -27,9 +29,9 @@ class LoRALinear(nn.Linear):
     Shapes: input `[..., in]`, output `[..., out]`; `lora_A.weight` `[r, in]`,
     `lora_B.weight` `[out, r]` (zero at init, so the layer starts equal to its base).
 
-    States: `merged` (the update lives inside `weight`; the forward is the base GEMM alone)
-    and `lora_enabled` (False inside `disable_lora`: the forward is the base layer's);
-    `lora_active` is True when neither holds and the adapter branch runs.
+    States (`lora_common.state`): `lora_merged` (the update lives inside `weight`; the forward
+    is the base GEMM alone) and `lora_disabled` (inside `disable_lora`: the forward is the base
+    layer's); `lora_active` is True when neither holds and the adapter branch runs.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -52,19 +54,15 @@ class LoRALinear(nn.Linear):
 
     def _add_adapter(self, config: LoRAConfig, name: str) -> None:
         self.lora_config, self.lora_name = config, name
-        self.r, self.scaling = config.r, config.scaling
+        self.lora_scaling = config.scaling
         place = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = LoRAFactor(config.r, self.in_features, role="A", config=config,
                                  name=name, **place)
         self.lora_B = LoRAFactor(self.out_features, config.r, role="B", config=config,
                                  name=name, **place)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.merged = False
-        self.lora_enabled = True
-
-    @property
-    def lora_active(self) -> bool:
-        return not self.merged and self.lora_enabled
+        self.lora_merged = False
+        self.lora_disabled = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.lora_active:
@@ -75,12 +73,12 @@ class LoRALinear(nn.Linear):
         x2d = x.reshape(-1, self.in_features)
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         if self._fused_path_applies(x2d):
-            out = lora_linear(x2d, self.weight, self.bias, lora_a, lora_b, self.scaling)
+            out = lora_linear(x2d, self.weight, self.bias, lora_a, lora_b, self.lora_scaling)
         else:  # dropout, autocast or mixed dtypes: the same math from ordinary ops
             out = F.linear(x2d, self.weight, self.bias)
             lora_in = x2d if self.lora_dropout is None else self.lora_dropout(x2d)
             hidden = F.linear(lora_in.to(lora_a.dtype), lora_a)                # [tokens, r]
-            out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).t(), alpha=self.scaling)
+            out.addmm_(hidden.to(out.dtype), lora_b.to(out.dtype).t(), alpha=self.lora_scaling)
         return out.view(*lead, self.out_features)
 
     def _fused_path_applies(self, x2d: torch.Tensor) -> bool:
@@ -90,12 +88,10 @@ class LoRALinear(nn.Linear):
         return (self.lora_dropout is None or not self.training) and len(dtypes) == 1 \
             and not torch.is_autocast_enabled(x2d.device.type)
 
-    def delta_weight(self, lora_a: torch.Tensor | None = None,
-                     lora_b: torch.Tensor | None = None) -> torch.Tensor:
-        """`s * B @ A` in fp32, [out, in] (or the rows that `lora_b` holds)."""
-        lora_a = self.lora_A.weight if lora_a is None else lora_a
-        lora_b = self.lora_B.weight if lora_b is None else lora_b
-        return (lora_b.detach().float() @ lora_a.detach().float()) * self.scaling
+    def lora_delta(self) -> torch.Tensor:
+        """`s * B @ A` in fp32, [out, in] (an unsharded layer's; FSDP merges go through
+        `fsdp_lora.merge`, which gathers what it needs)."""
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+        return f"{super().extra_repr()}, r={self.lora_config.r}, scaling={self.lora_scaling:g}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-import hf_llama
-import lora_helpers
+from support import hf_llama
+from support import lora_helpers
 from lora_common import LoRAConfig
 
 CONFIG = LoRAConfig(r=4, alpha=8)
@@ -47,7 +47,7 @@ def import_and_compare(adapter_dirs: list[str], layouts):
     """Import each PEFT adapter into the converted GPT at each layout (plain model, and a model
     already carrying LoRA of another rank); return our logits."""
     from megatron_lora import get_lora_parameters, import_peft_adapter, lora_spec
-    from megatron_lora.launch import initialize_model_parallel
+    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in layouts:

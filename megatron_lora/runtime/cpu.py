@@ -29,6 +29,11 @@ import functools
 import types
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import utils as transformer_utils
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 _ENABLED = False
 
@@ -90,47 +95,42 @@ def _sequence_parallel_torch_norm(original_new):
     return __new__
 
 
-def _cpu_tracker_class():
-    from megatron.core.tensor_parallel import random as mrandom
+class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
+    """Megatron's RNG tracker with CPU generator states.
 
-    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
-        """Megatron's RNG tracker with CPU generator states.
+    Same contract as the CUDA tracker: named states seeded once (`add`), and `fork(name)`
+    runs a block on that state and stores where it ended, so the tensor-parallel state
+    ("model-parallel-rng", seeded per TP rank) gives each rank its own dropout mask and
+    the default state gives every rank of a TP group the same one.
+    """
 
-        Same contract as the CUDA tracker: named states seeded once (`add`), and `fork(name)`
-        runs a block on that state and stores where it ended, so the tensor-parallel state
-        ("model-parallel-rng", seeded per TP rank) gives each rank its own dropout mask and
-        the default state gives every rank of a TP group the same one.
-        """
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
-        def add(self, name, seed):
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            self._is_initialized = True
-            self.seeds_.add(seed)
-            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
-
-        @contextlib.contextmanager
-        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            outer_name = self._current_state_name
-            outer_state = torch.get_rng_state()
-            if outer_name != "default-rng":  # a nested fork: park the outer state's progress
-                self.states_[outer_name] = outer_state
-            torch.set_rng_state(self.states_[name])
-            self._current_state_name = name
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                if outer_name != "default-rng":
-                    outer_state = self.states_[outer_name]
-                torch.set_rng_state(outer_state)
-                self._current_state_name = outer_name
-
-    return CPURNGStatesTracker
+    @contextlib.contextmanager
+    def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_name = self._current_state_name
+        outer_state = torch.get_rng_state()
+        if outer_name != "default-rng":  # a nested fork: park the outer state's progress
+            self.states_[outer_name] = outer_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if outer_name != "default-rng":
+                outer_state = self.states_[outer_name]
+            torch.set_rng_state(outer_state)
+            self._current_state_name = outer_name
 
 
 def enable() -> None:
@@ -143,24 +143,17 @@ def enable() -> None:
     global _ENABLED
     if _ENABLED or torch.cuda.is_available():
         return
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import utils as transformer_utils
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
     # Every CUDA allocation in megatron-core names its device through this one call.
     torch.cuda.current_device = _cpu_device
     torch.cuda.current_stream = _current_stream
     torch.cuda.synchronize = _synchronize
-    mrandom.CudaRNGStatesTracker = _cpu_tracker_class()
+    mrandom.CudaRNGStatesTracker = CPURNGStatesTracker
     mrandom._get_cuda_rng_state = _get_cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
     mrandom.initialize_rng_tracker(force_reset=True)
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
     WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)
-    from megatron.core.transformer.moe import moe_utils
-
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # what megatron-core means by "no TE GEMM"
     _ENABLED = True

@@ -2,32 +2,30 @@
 
     results = run_on_ranks(fn, world_size=2, tp=2, args=(cfg,))
 
-On each rank, after the gloo group exists: `megatron_lora.cpu.enable()` (a no-op with CUDA),
-`initialize_model_parallel(tp, pp, ...)`, Megatron's RNG seeded, then `fn(*args, **kwargs)`.
-Pass `setup` for what must happen before megatron is imported (megatron-core detects Transformer
-Engine at import); note that the module defining `fn` is imported first, to unpickle `fn`.
+On each rank, after the gloo group exists: `megatron_lora.runtime.cpu.enable()` (a no-op with
+CUDA), `initialize_model_parallel(tp, pp, ...)`, Megatron's RNG seeded, then `fn(*args,
+**kwargs)`. Pass `setup` for what must happen before megatron is imported (megatron-core detects
+Transformer Engine at import): it runs before `fn`'s module is imported.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from lora_common import launch
-from lora_common.launch import RankError  # noqa: F401 - re-exported for callers
+from megatron_lora.runtime import cpu, processes
+from megatron_lora.runtime.processes import RankError  # noqa: F401 - re-exported for callers
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **sizes: Any) -> None:
     """(Re)initialize Megatron's parallel state on the running process group and seed its RNG
     tracker. Calling it again with other sizes switches layouts inside one launch, e.g. to
     compare TP=2 with TP=1 (where the 2 ranks become data-parallel replicas)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_lora import cpu
-
     cpu.enable()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -39,8 +37,6 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **size
 
 
 def _with_model_parallel(parallel, fn, *args, **kwargs):
-    from megatron.core import parallel_state
-
     initialize_model_parallel(**parallel)
     try:
         return fn(*args, **kwargs)
@@ -68,5 +64,5 @@ def run_on_ranks(
     """
     parallel = dict(tp=tp, pp=pp, seed=seed, **parallel_sizes)
     wrapped = functools.update_wrapper(functools.partial(_with_model_parallel, parallel, fn), fn)
-    return launch.run_on_ranks(wrapped, world_size, args=args, kwargs=kwargs,
+    return processes.run_on_ranks(wrapped, world_size, args=args, kwargs=kwargs,
                                timeout=timeout, setup=setup)

@@ -1,13 +1,13 @@
-"""Megatron adapters -> HuggingFace PEFT adapters, which vLLM and SGLang serve.
-
-    export_peft_adapter(model, "out/peft")                      # live, any TP/PP; every rank calls
-    export_peft_adapter("ckpt/adapter.safetensors", "out/peft") # offline, no model, no GPU
+"""Megatron adapters -> HuggingFace PEFT adapters, which vLLM and SGLang serve: the
+conversion of full (gathered) adapter tensors, with no model and no Megatron import, so the
+offline export (`megatron-lora export-peft`) runs anywhere. The verb on a live model is
+`megatron_lora.export_peft_adapter` (`megatron_lora/peft.py`).
 
 Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; PEFT adapts them apart.
 A fused adapter splits exactly: `B_fused @ A` restricted to q's rows is `B_q @ A`, so q, k and
 v each get the fused A (copied) and their rows of the fused B, read with Megatron's per-group
-layout `[q heads of group g; k_g; v_g]` (hf_layout.split_qkv). The split runs on full tensors,
-after the TP gather, where fc1's B is `[gate; up]` again.
+layout `[q heads of group g; k_g; v_g]` (`hf_mapping.split_qkv`). The split runs on full
+tensors, after the TP gather, where fc1's B is `[gate; up]` again.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lora_common.peft_files import adapter_config_dict, write_peft_adapter
-from megatron_lora import hf_layout
-from megatron_lora.adapter_checkpoint import AdapterCheckpoint, gather_adapter, read_lora_checkpoint
+from megatron_lora.interop import hf_mapping
+from megatron_lora.interop.adapter_file import AdapterCheckpoint
 
 # vLLM serves adapters of rank <= its --max-lora-rank, which defaults to 16 and must be one of
 # these values (vLLM's LoRAConfig); SGLang has a --max-lora-rank too.
@@ -34,11 +34,11 @@ def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor,
         if not key.endswith(".lora_A.weight"):
             continue
         module = key[: -len(".lora_A.weight")]
-        layer, target = hf_layout.parse_megatron_module(module)
+        layer, target = hf_mapping.parse_megatron_module(module)
         A = checkpoint.tensors[key]
         B = checkpoint.tensors[f"{module}.lora_B.weight"]
-        parts = hf_layout.split_target(target, B, checkpoint.geometry)
-        for name, part in zip(hf_layout.hf_module_names(layer, target), parts):
+        parts = hf_mapping.split_target(target, B, checkpoint.geometry)
+        for name, part in zip(hf_mapping.hf_module_names(layer, target), parts):
             adapters[name] = (A.clone(), part.contiguous())
     return adapters
 
@@ -64,30 +64,11 @@ def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,
     # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
     # so PEFT adapts exactly the modules that have tensors.
     excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in targets
-                for name in hf_layout.hf_module_names(layer, target) if name not in adapters]
+                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
     config = adapter_config_dict(
-        checkpoint.config, hf_layout.hf_target_modules(targets), exclude_modules=excluded,
+        checkpoint.config, hf_mapping.hf_target_modules(targets), exclude_modules=excluded,
         task_type=task_type, base_model_name_or_path=base_model_name_or_path)
     for note in serving_warnings(checkpoint.config.r):
         warnings.warn(f"export_peft_adapter: {note}", stacklevel=3)
     write_peft_adapter(out_dir, config, adapters)
     return config
-
-
-def export_peft_adapter(source, out_dir: str | Path, *,
-                        base_model_name_or_path: str | None = None,
-                        architecture: str = "LlamaForCausalLM",
-                        task_type: str = "CAUSAL_LM") -> None:
-    """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
-    checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
-    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout."""
-    hf_layout.architecture(architecture)  # an unknown architecture is refused by name
-    if isinstance(source, (str, Path)):
-        checkpoint = read_lora_checkpoint(source)
-    else:
-        checkpoint = gather_adapter(source)
-    if checkpoint is not None:
-        export_checkpoint(checkpoint, out_dir, base_model_name_or_path=base_model_name_or_path,
-                          task_type=task_type)
-    if not isinstance(source, (str, Path)) and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -1,8 +1,8 @@
 """Megatron GPT <-> HuggingFace Llama-family names and tensor layouts, written once.
 
-Used by the PEFT export and import and by the tests that convert an HF model into a Megatron
-`GPTModel`. No transformers or Megatron import: the functions take names, plain tensors and
-duck-typed configs, so an exporter can run offline from a geometry header.
+Used by the PEFT export and import (and by the tests that convert an HF model into a Megatron
+`GPTModel`). No transformers or Megatron import: the functions take names, plain tensors and
+a `Geometry`, so an exporter can run offline from a checkpoint's header.
 
 Three things differ between the two worlds:
 
@@ -19,12 +19,14 @@ weight `[out, in]`, a bias `[out]` and a LoRA B `[out, r]`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
+
+from megatron_lora.interop.geometry import Geometry
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -69,94 +71,6 @@ def architecture(name_or_config: str | Any) -> Architecture:
         raise ValueError(f"unknown architecture {name}; megatron_lora.hf_layout knows "
                          f"{', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
-
-
-# --- geometry ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The shape facts that splitting and fusing need, in Megatron's `TransformerConfig` names.
-
-    Small enough to travel in an adapter checkpoint's header, so an export can split fused
-    adapters with no model at hand.
-    """
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int  # per-head width; Qwen3 sets it apart from hidden_size / heads
-    ffn_hidden_size: int
-    gated_linear_unit: bool = True
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type in (bool, "bool"):
-                if not isinstance(value, bool):
-                    raise ValueError(f"Geometry.{field.name} must be a bool, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Geometry.{field.name} must be a positive int, got {value!r}")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"Geometry: num_attention_heads {self.num_attention_heads} is not a "
-                             f"multiple of num_query_groups {self.num_query_groups}")
-
-    @property
-    def qkv_rows(self) -> int:
-        """Output width of the fused `linear_qkv`."""
-        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
-
-    @property
-    def fc1_rows(self) -> int:
-        """Output width of `linear_fc1` (`[gate; up]` when gated)."""
-        return self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
-
-    @classmethod
-    def from_megatron(cls, config: Any) -> Geometry:
-        """From a Megatron `TransformerConfig` (None groups / kv_channels take Megatron's
-        defaults, as its `__post_init__` would)."""
-        heads = config.num_attention_heads
-        return cls(
-            num_layers=config.num_layers, hidden_size=config.hidden_size,
-            num_attention_heads=heads, num_query_groups=config.num_query_groups or heads,
-            kv_channels=config.kv_channels or config.hidden_size // heads,
-            ffn_hidden_size=config.ffn_hidden_size,
-            gated_linear_unit=bool(config.gated_linear_unit),
-        )
-
-    @classmethod
-    def from_hf(cls, config: Any) -> Geometry:
-        """From an HF config of a known architecture (all of them use SwiGLU)."""
-        architecture(config)
-        heads = config.num_attention_heads
-        return cls(
-            num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-            num_attention_heads=heads,
-            num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
-            # HF's own rule: an absent or None head_dim means hidden_size / heads.
-            kv_channels=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            ffn_hidden_size=config.intermediate_size, gated_linear_unit=True,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - known), sorted(known - set(data) - {"gated_linear_unit"})
-        if unknown or missing:
-            raise ValueError(f"Geometry.from_dict: unknown field(s) {unknown}, missing field(s) "
-                             f"{missing}; fields are {sorted(known)}")
-        return cls(**data)
-
-    def require_equal(self, other: Geometry, what: str) -> None:
-        """Raise naming every field where `other` (described by `what`) differs from self."""
-        diffs = [f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)} in {what}"
-                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
-        if diffs:
-            raise ValueError("geometry mismatch: " + "; ".join(diffs))
 
 
 # --- layouts -------------------------------------------------------------------------------
@@ -223,6 +137,7 @@ _TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear_fc1": ("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj")),
     "linear_fc2": ("mlp.linear_fc2", ("mlp.down_proj",)),
 }
+TARGETS = tuple(_TARGETS)  # the Megatron targets that have HF counterparts
 # HF leaf -> the Megatron target that holds it.
 _HF_LEAF_TARGET = {path.rsplit(".", 1)[1]: target
                    for target, (_, paths) in _TARGETS.items() for path in paths}
@@ -328,50 +243,3 @@ def fuse_target(target: str, parts: Sequence[torch.Tensor], geometry: Geometry) 
         _require_gated(geometry)
         return fuse_fc1(*parts)
     return parts[0]
-
-
-# --- whole-model parameter names -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamMapping:
-    """Where a Megatron parameter's full value comes from in an HF state dict: one HF tensor
-    copied, or several fused by `fuse_target(target, ...)`."""
-
-    hf_names: tuple[str, ...]
-    target: str | None = None  # the LoRA target whose layout fuses `hf_names`; None: a copy
-
-
-_LAYER_NORMS = {
-    # local spec (separate norm modules) and TE spec (norm fused into the next linear)
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-}
-_GLOBAL = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
-_LAYER_PARAM = re.compile(_MEGATRON_PREFIX + r"decoder\.layers\.(\d+)\.(.+)$")
-
-
-def hf_param(megatron_name: str) -> ParamMapping:
-    """The HF source of a Megatron GPT base parameter (local or TE spec names; not LoRA's)."""
-    name = re.sub(_MEGATRON_PREFIX, "", megatron_name)
-    if name in _GLOBAL:
-        return ParamMapping((_GLOBAL[name],))
-    match = _LAYER_PARAM.match(name)
-    if match:
-        layer, rest = int(match.group(1)), match.group(2)
-        if rest in _LAYER_NORMS:
-            return ParamMapping((f"model.layers.{layer}.{_LAYER_NORMS[rest]}",))
-        module, _, kind = rest.rpartition(".")
-        for target, (path, _) in _TARGETS.items():
-            if module == path and kind in ("weight", "bias"):
-                names = tuple(f"{n}.{kind}" for n in hf_module_names(layer, target))
-                return ParamMapping(names, target if len(names) > 1 else None)
-    raise ValueError(f"no HF Llama-family counterpart for Megatron parameter {megatron_name!r}")

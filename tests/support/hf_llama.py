@@ -4,8 +4,9 @@
     gpt = gpt_from_hf(hf)                             # this rank's shards, any TP size (+SP)
     compare_logits(hf, gpt, tokens())                 # asserts, returns the max abs difference
 
-Names and fused layouts come from `megatron_lora.hf_layout` (the production mapping), shards
-from `megatron_lora.sharding` driven by each parameter's own Megatron attributes
+Module names and fused layouts come from `megatron_lora.interop.hf_mapping` (the production
+mapping; `hf_param` below adds the base-only names: embeddings and norms), shards from
+`megatron_lora.layers.sharding` driven by each parameter's own Megatron attributes
 (`partition_dim`, `partition_stride`), so this utility tests those as much as it uses them.
 
 Numerics that must agree, and where they are set: RoPE base (`rotary_base`, HF
@@ -17,10 +18,14 @@ head_dim ** -0.5), biases (none but Qwen2's q/k/v), tied embeddings.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch
 
-from megatron_lora import hf_layout
-from megatron_lora.sharding import shard
+from megatron_lora.interop import hf_mapping
+from megatron_lora.interop.geometry import Geometry
+from megatron_lora.layers.sharding import shard
 
 VOCAB = 128
 SEQ = 16
@@ -53,7 +58,7 @@ def hf_config(model_type: str = "llama", **overrides):
     fields.update(VARIANTS[model_type])
     fields.update(overrides)
     config = CONFIG_MAPPING[model_type](**fields)
-    config.architectures = [hf_layout.architecture(config).name]
+    config.architectures = [hf_mapping.architecture(config).name]
     return config
 
 
@@ -92,10 +97,10 @@ def rope_theta(config) -> float:
     return params["rope_theta"]
 
 
-def check_convertible(config) -> hf_layout.Architecture:
+def check_convertible(config) -> hf_mapping.Architecture:
     """The architecture of `config`, or a ValueError naming what Megatron would compute
     differently."""
-    arch = hf_layout.architecture(config)
+    arch = hf_mapping.architecture(config)
     rope_theta(config)
     problems = []
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -115,10 +120,10 @@ def check_convertible(config) -> hf_layout.Architecture:
 def transformer_config(config, **overrides):
     """The Megatron `TransformerConfig` of an HF config, at this rank's TP/PP sizes (the
     CPU-test settings and the SP guard come from `tiny_gpt.transformer_config`)."""
-    import tiny_gpt
+    from support import tiny_gpt
 
     arch = check_convertible(config)
-    geometry = hf_layout.Geometry.from_hf(config)
+    geometry = Geometry.from_hf(config)
     fields = dict(
         num_layers=geometry.num_layers, hidden_size=geometry.hidden_size,
         num_attention_heads=geometry.num_attention_heads,
@@ -135,7 +140,7 @@ def local_spec(config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization="RMSNorm",
-                                    qk_layernorm=hf_layout.architecture(config).qk_norm)
+                                    qk_layernorm=hf_mapping.architecture(config).qk_norm)
 
 
 def build_gpt(config, spec=None, **config_overrides):
@@ -157,7 +162,7 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
     parameters (`lora_` in the name) are not base weights and are left as they are."""
     from megatron.core import parallel_state
 
-    geometry = hf_layout.Geometry.from_megatron(model.config)
+    geometry = Geometry.from_megatron(model.config)
     rank = parallel_state.get_tensor_model_parallel_rank()
     world = parallel_state.get_tensor_model_parallel_world_size()
     used = set()
@@ -165,12 +170,12 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 continue
-            mapping = hf_layout.hf_param(name)
+            mapping = hf_param(name)
             missing = [n for n in mapping.hf_names if n not in hf_state]
             if missing:
                 raise KeyError(f"HF state dict lacks {missing} for Megatron parameter {name!r}")
             parts = [hf_state[n] for n in mapping.hf_names]
-            full = hf_layout.fuse_target(mapping.target, parts, geometry) if mapping.target else parts[0]
+            full = hf_mapping.fuse_target(mapping.target, parts, geometry) if mapping.target else parts[0]
             if getattr(param, "tensor_model_parallel", False):
                 full = shard(full, param.partition_dim, rank, world, param.partition_stride)
             if full.shape != param.shape:
@@ -236,3 +241,50 @@ def compare_logits(hf_model, model, input_ids: torch.Tensor,
     `assert_logits_close`); return the largest difference relative to the largest logit."""
     return assert_logits_close(gpt_logits(model, input_ids), hf_logits(hf_model, input_ids),
                                tolerance)
+
+
+# --- HF source of each Megatron base parameter ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """Where a Megatron parameter's full value comes from in an HF state dict: one HF tensor
+    copied, or several fused by `hf_mapping.fuse_target(target, ...)`."""
+
+    hf_names: tuple[str, ...]
+    target: str | None = None  # the LoRA target whose layout fuses `hf_names`; None: a copy
+
+
+_LAYER_NORMS = {
+    # local spec (separate norm modules) and TE spec (norm fused into the next linear)
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+_GLOBAL = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LAYER_PARAM = re.compile(r"^(?:module\.)*decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_param(megatron_name: str) -> ParamMapping:
+    """The HF source of a Megatron GPT base parameter (local or TE spec names; not LoRA's)."""
+    name = re.sub(r"^(?:module\.)*", "", megatron_name)
+    if name in _GLOBAL:
+        return ParamMapping((_GLOBAL[name],))
+    match = _LAYER_PARAM.match(name)
+    if match:
+        layer, rest = int(match.group(1)), match.group(2)
+        if rest in _LAYER_NORMS:
+            return ParamMapping((f"model.layers.{layer}.{_LAYER_NORMS[rest]}",))
+        module, _, kind = name.rpartition(".")
+        for target in hf_mapping.TARGETS:
+            if module == hf_mapping.megatron_module_name(layer, target) and kind in ("weight", "bias"):
+                names = tuple(f"{n}.{kind}" for n in hf_mapping.hf_module_names(layer, target))
+                return ParamMapping(names, target if len(names) > 1 else None)
+    raise ValueError(f"no HF Llama-family counterpart for Megatron parameter {megatron_name!r}")

@@ -2,11 +2,13 @@
 
     results = run_on_ranks(fn, world_size=2, args=(cfg,))
 
-`fn` must be importable by name (a module-level function). Each rank runs `setup()` first if
-given (before the process group exists), joins a gloo process group (rendezvous through a
-file, so no port can be taken by another process in between), and
-calls `fn(*args, **kwargs)`; `megatron_lora.launch.run_on_ranks` adds Megatron's parallel
-state on top. The per-rank return values come back as a list indexed by rank (they travel
+`fn` must be importable by name (a module-level function, or a partial of one). Each rank runs
+`setup()` first if given, and only then unpickles `fn` and its arguments: importing the module
+that defines `fn` may import megatron, and `setup` may need to run before that (megatron-core
+detects Transformer Engine when it is imported). `setup` itself must live in a module that does
+not import megatron. The rank then joins a gloo process group (rendezvous through a file, so no
+port can be taken by another process in between) and calls `fn(*args, **kwargs)`;
+`megatron_lora.runtime.launch.run_on_ranks` adds Megatron's parallel state on top. The per-rank return values come back as a list indexed by rank (they travel
 through `torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
 `RankError` carries that rank's traceback; if the ranks do not finish within `timeout`
 seconds they are killed and `TimeoutError` is raised, so a test run never hangs.
@@ -18,12 +20,14 @@ import datetime
 import io
 import multiprocessing
 import os
+import pickle
 import queue
 import shutil
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,12 +42,13 @@ def _serialize(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _rank_main(rank, world_size, store_file, setup, fn, args, kwargs, results, timeout):
+def _rank_main(rank, world_size, store_file, setup, call, results, timeout):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         if setup is not None:
             setup()
+        fn, args, kwargs = pickle.loads(call)  # after setup: this may import megatron
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
@@ -66,6 +71,7 @@ def run_on_ranks(
     setup: Callable[[], None] | None = None,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned gloo ranks; return each rank's result."""
+    call = pickle.dumps((fn, tuple(args), kwargs or {}))
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="run_on_ranks.")
@@ -73,7 +79,7 @@ def run_on_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, store_file, setup, fn, tuple(args), kwargs or {}, results, timeout),
+            args=(rank, world_size, store_file, setup, call, results, timeout),
             # Not daemonic: ranks may start processes of their own (Megatron's dist
             # checkpointing does); the `finally` below kills any rank left running.
             daemon=False,
@@ -89,7 +95,7 @@ def run_on_ranks(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(outputs))
-                raise TimeoutError(f"{fn.__qualname__}: ranks {missing} did not finish "
+                raise TimeoutError(f"{getattr(fn, '__qualname__', fn)}: ranks {missing} did not finish "
                                    f"within {timeout:.0f}s")
             try:
                 rank, ok, payload = results.get(timeout=min(remaining, 1.0))

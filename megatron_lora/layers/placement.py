@@ -16,15 +16,9 @@ import functools
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.lora_linear import LoRAMatrix, is_lora_linear
-
-
-def qualified_name(layer_number: int | None, name_in_layer: str) -> str:
-    """The module's path in an unsplit GPTModel (`decoder.layers.<index>.<name>`), used to
-    match `exclude_modules` the same way whatever the pipeline split."""
-    if layer_number is None:
-        return name_in_layer
-    return f"decoder.layers.{layer_number - 1}.{name_in_layer}"
+from lora_common.state import freeze_all_but_adapters
+from megatron_lora.layers.registry import is_lora_linear
+from megatron_lora.model import qualified_name
 
 
 def is_excluded(qualified: str, exclude_modules: tuple[str, ...]) -> bool:
@@ -40,7 +34,7 @@ def place_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
         if is_lora_linear(module):
             place_adapter(module, config, layer_number, name)
     if config.only_trainable:
-        freeze_base_parameters(layer)
+        freeze_all_but_adapters(layer)
 
 
 def place_adapter(module, config: LoRAConfig, layer_number: int | None, name: str) -> None:
@@ -49,46 +43,6 @@ def place_adapter(module, config: LoRAConfig, layer_number: int | None, name: st
         module.remove_lora()
     else:
         module.reset_lora_parameters(layer_number, name)
-
-
-def model_chunks(model) -> list[torch.nn.Module]:
-    """A model, or a list of virtual-pipeline chunks, as a list of chunks."""
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
-def transformer_layers(chunk: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The built transformer layers of a model chunk by path: modules with an int
-    `layer_number` and no such ancestor (attention modules inside a layer carry one too)."""
-    layers: dict[str, torch.nn.Module] = {}
-    for name, module in chunk.named_modules():
-        if isinstance(getattr(module, "layer_number", None), int) and not any(
-                name.startswith(outer + ".") for outer in layers):
-            layers[name] = module
-    return layers
-
-
-def canonical_lora_modules(chunk: torch.nn.Module):
-    """`(qualified name, module)` for each LoRA linear of the chunk, named by its place in the
-    unsplit model (`decoder.layers.<global index>.<name in layer>`), whatever the pipeline or
-    virtual-pipeline split: the names an adapter checkpoint uses."""
-    layers = transformer_layers(chunk)
-    for path, module in chunk.named_modules():
-        if not is_lora_linear(module):
-            continue
-        layer_path = next((p for p in layers if path.startswith(p + ".")), None)
-        if layer_path is None:
-            yield path, module
-        else:
-            yield qualified_name(layers[layer_path].layer_number, path[len(layer_path) + 1:]), module
-
-
-def freeze_base_parameters(module: torch.nn.Module) -> None:
-    """`requires_grad=False` on every parameter that is not an adapter matrix's. A frozen
-    base weight is where LoRA's speed comes from: Megatron's linears then skip the
-    weight-grad GEMM and do not save their input."""
-    adapter = {id(p) for m in module.modules() if isinstance(m, LoRAMatrix) for p in m.parameters()}
-    for param in module.parameters():
-        param.requires_grad_(id(param) in adapter)
 
 
 class LoRATransformerLayerMixin:
@@ -115,7 +69,7 @@ def lora_layer_class(base: type, config: LoRAConfig) -> type:
     return _lora_layer_class(base, config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lora_layer_class(base: type, config: LoRAConfig) -> type:
     return type(f"LoRA{base.__name__}", (LoRATransformerLayerMixin, base),
                 {"lora_config": config, "__module__": __name__})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lora import sharding
+from megatron_lora.layers import sharding
 
 
 def tp_group():
@@ -66,8 +66,8 @@ def set_nonzero_B(model, seed: int = 7) -> None:
 
 def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None):
     """`megatron_lora.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches."""
-    import tiny_gpt
+    from support import tiny_gpt
 
-    from megatron_lora.ddp_training import train_with_megatron_ddp as train
+    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp as train
 
     return train(model, config, loss_fn or tiny_gpt.loss, steps, lr)

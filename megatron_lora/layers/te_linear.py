@@ -1,10 +1,11 @@
 """LoRA on megatron-core's Transformer Engine wrappers: the same adapter, sharding rule and
-merge as the local linears (`lora_linear.py`), wired to the TE wrappers' forward signatures.
-`lora_linear_class` picks these mixins when megatron-core found TE at import."""
+merge as the local linears (`parallel_linear.py`), wired to the TE wrappers' forward
+signatures. `registry.py` picks these mixins when megatron-core found TE at import."""
 
 from __future__ import annotations
 
-from megatron_lora.lora_linear import COLUMN, ROW, LoRAParallelLinear
+from megatron_lora.layers.parallel_linear import LoRAParallelLinear
+from megatron_lora.layers.sharding import COLUMN, ROW
 
 
 class LoRATEColumnParallelMixin(LoRAParallelLinear):
@@ -16,7 +17,7 @@ class LoRATEColumnParallelMixin(LoRAParallelLinear):
         output, bias = super().forward(x)
         if not self.lora_active:
             return output, bias
-        return self._add_lora_output(output, self._lora_hidden_column(x)), bias
+        return self.lora_output(output, x), bias
 
 
 class LoRATERowParallelMixin(LoRAParallelLinear):
@@ -28,7 +29,7 @@ class LoRATERowParallelMixin(LoRAParallelLinear):
         output, bias = super().forward(x)
         if not self.lora_active:
             return output, bias
-        return self._add_lora_output(output, self._lora_hidden_row(x)), bias
+        return self.lora_output(output, x), bias
 
 
 class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
@@ -57,7 +58,7 @@ class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
             output, bias, normalized = result
         else:
             (output, normalized), bias = result
-        return self._add_lora_output(output, self._lora_hidden_column(normalized)), bias
+        return self.lora_output(output, normalized), bias
 
     def remove_lora(self) -> None:
         self.return_layernorm_output = False

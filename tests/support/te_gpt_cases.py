@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import tiny_gpt
+from support import tiny_gpt
 
 
 def _by_local_name(model, values):
@@ -103,7 +103,7 @@ def which_te():
 
 
 def all_gpt_cases():
-    from megatron_lora.launch import initialize_model_parallel
+    from megatron_lora.runtime.launch import initialize_model_parallel
 
     results = {"which_te": which_te()}
     for tp, sp in [(2, False), (2, True), (1, False)]:

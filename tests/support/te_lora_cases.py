@@ -8,8 +8,8 @@ import argparse
 
 import torch
 
-import lora_helpers
-import tiny_gpt
+from support import lora_helpers
+from support import tiny_gpt
 from lora_common import LoRAConfig, add_lora_arguments
 
 CONFIG = LoRAConfig(r=4, alpha=8)
@@ -31,7 +31,7 @@ def by_local_name(named: dict) -> dict:
 
 def te_vs_local(layouts):
     from megatron_lora import get_lora_parameters, lora_spec
-    from megatron_lora.launch import initialize_model_parallel
+    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in layouts:

@@ -1,0 +1,3 @@
+"""Megatron LoRA <-> other formats with no model and no Megatron import: the model geometry
+(`geometry.py`), the HF name and layout mapping (`hf_mapping.py`), the adapter checkpoint file
+(`adapter_file.py`), and the PEFT conversions (`peft_export.py`, `peft_import.py`)."""

@@ -1,0 +1,99 @@
+"""The model geometry an adapter depends on, in Megatron's `TransformerConfig` names.
+
+Small enough to travel in an adapter checkpoint's header, so an export can split fused
+adapters with no model at hand, and a load can refuse an adapter made for another model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape facts that splitting and fusing need, in Megatron's `TransformerConfig` names.
+
+    Small enough to travel in an adapter checkpoint's header, so an export can split fused
+    adapters with no model at hand.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int  # per-head width; Qwen3 sets it apart from hidden_size / heads
+    ffn_hidden_size: int
+    gated_linear_unit: bool = True
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"Geometry.{field.name} must be a bool, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Geometry.{field.name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"Geometry: num_attention_heads {self.num_attention_heads} is not a "
+                             f"multiple of num_query_groups {self.num_query_groups}")
+
+    @property
+    def qkv_rows(self) -> int:
+        """Output width of the fused `linear_qkv`."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    @property
+    def fc1_rows(self) -> int:
+        """Output width of `linear_fc1` (`[gate; up]` when gated)."""
+        return self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
+
+    @classmethod
+    def from_megatron(cls, config: Any) -> Geometry:
+        """From a Megatron `TransformerConfig` (None groups / kv_channels take Megatron's
+        defaults, as its `__post_init__` would)."""
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_attention_heads=heads, num_query_groups=config.num_query_groups or heads,
+            kv_channels=config.kv_channels or config.hidden_size // heads,
+            ffn_hidden_size=config.ffn_hidden_size,
+            gated_linear_unit=bool(config.gated_linear_unit),
+        )
+
+    @classmethod
+    def from_hf(cls, config: Any) -> Geometry:
+        """From an HF config of a known architecture (all of them use SwiGLU)."""
+        from megatron_lora.interop.hf_mapping import architecture
+
+        architecture(config)
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+            num_attention_heads=heads,
+            num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
+            # HF's own rule: an absent or None head_dim means hidden_size / heads.
+            kv_channels=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            ffn_hidden_size=config.intermediate_size, gated_linear_unit=True,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data) - {"gated_linear_unit"})
+        if unknown or missing:
+            raise ValueError(f"Geometry.from_dict: unknown field(s) {unknown}, missing field(s) "
+                             f"{missing}; fields are {sorted(known)}")
+        return cls(**data)
+
+    def require_equal(self, other: Geometry, what: str) -> None:
+        """Raise naming every field where `other` (described by `what`) differs from self."""
+        diffs = [f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)} in {what}"
+                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        if diffs:
+            raise ValueError("geometry mismatch: " + "; ".join(diffs))

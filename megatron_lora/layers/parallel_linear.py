@@ -1,0 +1,235 @@
+"""The LoRA linear: a subclass of a Megatron tensor-parallel linear with an adapter.
+
+    LoRAColumn = lora_linear_class(ColumnParallelLinear, config)   # registry.py; any subclass
+
+A LoRA linear *is* its base class (same constructor, same `weight`/`bias` names, same
+`(output, bias)` return) with two more parameters, PEFT-shaped:
+
+    lora_A.weight  [r, in]     lora_B.weight  [out, r]     y = W x + scaling * B A x
+
+`LoRAParallelLinear` holds what every family shares: the adapter parameters with Megatron's TP
+attributes, their init, merge and unmerge, the dist-checkpoint description and the adapter's
+forward. Which matrix is split where is the family's (`sharding.py`); the one collective on the
+`[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire the adapter into
+the forward of megatron-core's local linears; `te_linear.py` does the same for its Transformer
+Engine wrappers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    get_cuda_rng_tracker,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from lora_common import LoRAConfig
+from lora_common.delta import lora_delta, merged_value
+from lora_common.init import initial_lora_A
+from lora_common.state import LoRAState
+from megatron_lora.layers import sharding
+from megatron_lora.layers.comm import reduce_hidden
+from megatron_lora.layers.factor import LoRAFactor
+from megatron_lora.layers.functional import accumulate_lora_output, is_te_quantized, merged_shard
+from megatron_lora.layers.sharding import COLUMN, ROW, Family, group_size_rank
+
+
+class LoRAParallelLinear(LoRAState):
+    """What every LoRA linear adds to its base class. Subclasses set the family and wire the
+    forward; `registry.lora_linear_class` sets the config and the base class."""
+
+    lora_config: LoRAConfig  # set on each generated class by `lora_linear_class`
+    lora_base_class: type
+    lora_family: Family
+    lora_A: LoRAFactor
+    lora_B: LoRAFactor
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_lora(stride=kwargs.get("stride"))
+
+    # ----- parameters -------------------------------------------------------------------
+
+    def add_lora(self, stride: int | None = None) -> None:
+        """Create `lora_A` / `lora_B` for this (already built) base linear.
+
+        `stride` is the base weight's partition stride (2 for SwiGLU fc1); when not given it
+        is read from the weight's Megatron attributes."""
+        config, family = self.lora_config, self.lora_family
+        tp, _ = group_size_rank(self.lora_tp_group)
+        if getattr(self, "explicit_expert_comm", False) and tp > 1:
+            raise NotImplementedError(
+                f"LoRA on expert linears with expert tensor parallelism ({type(self).__name__}, "
+                f"tp={tp}) is not supported; use expert_tensor_parallel_size=1")
+        out_local, in_local = self.weight.shape
+        dtype, device = self.config.params_dtype, self.weight.device
+        self.lora_A = LoRAFactor(torch.empty(config.r, in_local, dtype=dtype, device=device))
+        self.lora_B = LoRAFactor(torch.zeros(out_local, config.r, dtype=dtype, device=device))
+        self.lora_scaling = config.scaling
+        self.lora_merged = False
+        self.lora_disabled = 0
+
+        if stride is None:
+            stride = getattr(self.weight, "partition_stride", 1)
+        for matrix in (sharding.A, sharding.B):
+            param = getattr(self, matrix).weight
+            if matrix == family.split:
+                set_tensor_model_parallel_attributes(param, True, family.split_dim, stride)
+            else:
+                set_tensor_model_parallel_attributes(param, False, -1, 1)
+                if self.sequence_parallel:
+                    # Whole on every rank but fed this rank's sequence shard: its grad is a
+                    # partial sum that Megatron's grad finalization sums over the TP group.
+                    param.sequence_parallel = True
+            param.allreduce = getattr(self.weight, "allreduce", True)
+        self.reset_lora_parameters(type(self).__name__)
+
+    @property
+    def lora_tp_group(self):
+        """The group the base weight is split over. Megatron's TE wrappers keep it as
+        `_tp_group` (TE's own `tp_group` is None where TE's communication is switched off)."""
+        return getattr(self, "_tp_group", None) or self.tp_group
+
+    def remove_lora(self) -> None:
+        """Turn this module back into a plain instance of its base class."""
+        if self.lora_merged:
+            raise RuntimeError(f"{type(self).__name__}: unmerge before removing LoRA")
+        for attr in ("lora_A", "lora_B", "lora_scaling", "lora_merged", "lora_disabled"):
+            delattr(self, attr)
+        self.__class__ = self.lora_base_class
+
+    @property
+    def lora_in_features(self) -> int:
+        """The full (unsharded) input size of A."""
+        return sharding.full_shape(self.lora_A.weight, self.lora_tp_group)[1]
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, *key: object) -> None:
+        """B = 0; A drawn over its full shape from `(config.seed, *key)`, this rank's slice kept.
+
+        `key` names the module's place in the model (the LoRA transformer layer passes its
+        global layer number and the module's name inside the layer)."""
+        A = self.lora_A.weight
+        full = initial_lora_A(self.lora_config, self.lora_in_features, *key)
+        A.copy_(sharding.local_shard(full, A, self.lora_tp_group))
+        self.lora_B.weight.zero_()
+
+    # ----- merging (litgpt-style: next to the layer it merges) ----------------------------
+
+    def lora_delta(self) -> torch.Tensor:
+        """`scaling * B @ A` for this rank's shard of the weight, in fp32. The sharding rule
+        makes it local: column ranks hold B's rows of their output slice and all of A; row
+        ranks hold all of B and A's columns of their input slice."""
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
+
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of `W + scaling * B @ A` (a new tensor in W's dtype; W untouched)."""
+        return merged_shard(self.weight, self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """W += scaling * B @ A in place (fp32 arithmetic, one cast); the branch is then skipped."""
+        if self.lora_merged:
+            raise RuntimeError(f"{type(self).__name__}: LoRA is already merged")
+        if is_te_quantized(self.weight):
+            raise RuntimeError(
+                f"{type(self).__name__}: the base weight is FP8 (TE primary weights); writing a "
+                f"merge into it re-quantizes it, losing small deltas for good. Stream merged "
+                f"weights with iter_merged_weights (bf16) instead")
+        self.weight.copy_(self.merged_weight())
+        self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        """W -= scaling * B @ A in place: the base weight back, up to the rounding of W's dtype."""
+        if not self.lora_merged:
+            raise RuntimeError(f"{type(self).__name__}: LoRA is not merged")
+        self.weight.copy_(merged_value(self.weight, self.lora_A.weight, self.lora_B.weight,
+                                       self.lora_scaling, sign=-1.0))
+        self.lora_merged = False
+
+    # ----- dist checkpointing -------------------------------------------------------------
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base class's sharded state dict, with the adapters described by their own split:
+        the base maps only `weight`/`bias` and would save the split matrix as if replicated,
+        keeping one rank's shard and silently dropping the others."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = metadata or {}
+        dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True)
+        adapters = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        family = self.lora_family
+        adapter_state = make_sharded_tensors_for_checkpoint(
+            adapters, prefix, {f"{family.split}.weight": family.split_dim}, sharded_offsets,
+            tp_group=self.lora_tp_group, dp_cp_group=dp_cp_group)
+        if getattr(self.lora_B.weight, "partition_stride", 1) == 2:
+            # SwiGLU fc1: each rank holds [gate_i; up_i]; Megatron's factory saves the two
+            # halves as separate global tensors, as MLP does for fc1's weight.
+            key = f"{prefix}lora_B.weight"
+            adapter_state[key] = apply_swiglu_sharded_factory(
+                adapter_state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
+        state.update(adapter_state)
+        return state
+
+    # ----- forward ----------------------------------------------------------------------
+
+    def lora_output(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`output + scaling * B reduce(A x)`: the adapter added to this rank's base output.
+
+        x is the adapter's input as this rank holds it: `[s, b, in]` for a column target
+        (`[s/tp, b, in]` under SP), `[s, b, in/tp]` for a row target; output is this rank's
+        base output, `[s, b, out/tp]` (column) or `[s, b, out]` (row; `[s/tp, b, out]` under
+        SP). `reduce` is the family's `[tokens, r]` collective (`comm.py`)."""
+        sharded = self.lora_family.input_split or self.sequence_parallel
+        h = F.linear(self._lora_dropout(x, sharded), self.lora_A.weight)    # [..., r]
+        h = reduce_hidden(self.lora_family, h, self.lora_tp_group, self.sequence_parallel)
+        return accumulate_lora_output(output, h, self.lora_B.weight, self.lora_scaling)
+
+    def _lora_dropout(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
+        p = self.lora_config.dropout
+        if p == 0.0 or not self.training:
+            return x
+        if not sharded:
+            # Every TP rank holds the same activations: the default stream agrees across them.
+            return F.dropout(x, p, training=True)
+        # Each rank holds a different shard: Megatron's TP-region stream differs per rank.
+        with get_cuda_rng_tracker().fork():
+            return F.dropout(x, p, training=True)
+
+
+class LoRAColumnParallelMixin(LoRAParallelLinear):
+    """LoRA for `ColumnParallelLinear` and its subclasses (output split over TP)."""
+
+    lora_family = COLUMN
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not self.lora_active:
+            return super().forward(input_, weight, runtime_gather_output)
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        # Add the adapter to this rank's output slice, then gather if the caller asked to.
+        output, bias = super().forward(input_, weight, runtime_gather_output=False)
+        output = self.lora_output(output, input_)
+        if gather:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, bias
+
+
+class LoRARowParallelMixin(LoRAParallelLinear):
+    """LoRA for `RowParallelLinear` and its subclasses (input split over TP)."""
+
+    lora_family = ROW
+
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        if not self.lora_active:
+            return output, bias
+        x = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(
+            input_, group=self.tp_group)
+        return self.lora_output(output, x), bias

@@ -1,0 +1,76 @@
+"""Which LoRA class each Megatron linear class gets.
+
+    lora_linear_class(ColumnParallelLinear, config)  ->  LoRAColumnParallelLinear
+
+A base class is matched to the mixin of the first family base it subclasses: megatron-core's
+local parallel linears, and its Transformer Engine wrappers when megatron-core found TE at
+import. One class is made per (base, config) pair, so the spec route and the post-hoc route
+build the same classes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from lora_common import LoRAConfig
+from megatron_lora.layers.parallel_linear import (
+    LoRAColumnParallelMixin,
+    LoRAParallelLinear,
+    LoRARowParallelMixin,
+)
+
+
+@functools.cache
+def family_mixins() -> tuple[tuple[type, type], ...]:
+    """(base class, LoRA mixin) pairs; the first base a class subclasses decides. Resolved on
+    first use: whether megatron-core found TE is settled when its TE extension is imported."""
+    pairs = [(ColumnParallelLinear, LoRAColumnParallelMixin),
+             (RowParallelLinear, LoRARowParallelMixin)]
+    try:
+        from megatron.core.extensions import transformer_engine as te_wrappers
+    except ImportError:
+        return tuple(pairs)
+    if getattr(te_wrappers, "HAVE_TE", False):
+        from megatron_lora.layers.te_linear import (
+            LoRATEColumnParallelMixin,
+            LoRATELayerNormColumnParallelMixin,
+            LoRATERowParallelMixin,
+        )
+
+        pairs += [(te_wrappers.TELayerNormColumnParallelLinear, LoRATELayerNormColumnParallelMixin),
+                  (te_wrappers.TEColumnParallelLinear, LoRATEColumnParallelMixin),
+                  (te_wrappers.TERowParallelLinear, LoRATERowParallelMixin)]
+    return tuple(pairs)
+
+
+def is_lora_linear(module_or_class) -> bool:
+    cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
+    return issubclass(cls, LoRAParallelLinear)
+
+
+def supports_lora(cls: type) -> bool:
+    """Whether `lora_linear_class` can lorafy `cls`."""
+    return isinstance(cls, type) and any(issubclass(cls, base) for base, _ in family_mixins())
+
+
+def lora_linear_class(base: type, config: LoRAConfig) -> type:
+    """The LoRA subclass of the parallel linear class `base` for `config`. A LoRA class passed
+    again is returned as is."""
+    if is_lora_linear(base):
+        if base.lora_config != config:
+            raise ValueError(f"{base.__name__} already carries LoRA with another config")
+        return base
+    return _lora_linear_class(base, config)
+
+
+@functools.cache
+def _lora_linear_class(base: type, config: LoRAConfig) -> type:
+    for family_base, mixin in family_mixins():
+        if isinstance(base, type) and issubclass(base, family_base):
+            return type(f"LoRA{base.__name__}", (mixin, base),
+                        {"lora_config": config, "lora_base_class": base,
+                         "__module__": __name__})
+    names = ", ".join(b.__name__ for b, _ in family_mixins())
+    raise TypeError(f"LoRA supports subclasses of {names}; got {getattr(base, '__name__', base)!r}")
