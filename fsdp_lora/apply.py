@@ -57,15 +57,14 @@ def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str
 def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module:
     """Add LoRA adapters to `model` in place (and return it), before FSDP wrapping.
 
-    `args_or_config` is a `LoRAConfig` or an argparse namespace with the `--lora-*` flags
-    (`LoRAConfig.from_args`). `target_modules=None` adapts the seven Llama projections
+    `args_or_config` is a `LoRAConfig`, an argparse namespace with the `--lora-*` flags
+    (`LoRAConfig.from_args`) or a mapping of `LoRAConfig` fields (`LoRAConfig.from_dict`). `target_modules=None` adapts the seven Llama projections
     (`HF_TARGET_MODULES`). The model may live on the meta device: A and B are then drawn when
     it is materialized (`to_empty`, FSDP1's `reset_parameters`), identically on every rank.
     With `only_trainable`, every non-LoRA parameter is frozen.
     """
-    config = args_or_config if isinstance(args_or_config, LoRAConfig) \
-        else LoRAConfig.from_args(args_or_config)
-    config = config.resolve_targets(HF_TARGET_MODULES)
+    config = LoRAConfig.coerce(args_or_config, "apply_lora_to_fsdp_model").resolve_targets(
+        HF_TARGET_MODULES)
     if is_fsdp_wrapped(model):
         raise ValueError(f"apply_lora_to_fsdp_model: {type(model).__name__} is already wrapped "
                          f"by FSDP; add LoRA first, then call fully_shard / FSDP(...)")

@@ -5,31 +5,38 @@ No Megatron import here: `fsdp_lora` uses this class with megatron-core absent.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 # The linears LoRA adapts when the user names none. Megatron fuses q/k/v into `linear_qkv`
-# and gate/up into `linear_fc1`; HuggingFace Llama-family models keep them separate.
-MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# and gate/up into `linear_fc1`; HuggingFace Llama-family models keep them separate. Module-name
+# lists are sets: kept sorted, as PEFT writes them.
+MEGATRON_TARGET_MODULES = ("linear_fc1", "linear_fc2", "linear_proj", "linear_qkv")
+HF_TARGET_MODULES = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
 
 A_INITS = ("kaiming", "gaussian")
 
 
 def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
-    """Normalize a module-name list: YAML and CLI hand us lists, or one string
+    """Normalize a module-name list to a sorted tuple without duplicates: the same set of
+    names is the same config whatever its order. YAML and CLI hand us lists, or one string
     separated by commas or spaces."""
     if value is None:
         return None
     if isinstance(value, str):
         value = value.replace(",", " ").split()
+    elif not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise ValueError(f"LoRAConfig.{field} must be a module name or a list of names, got "
+                         f"{value!r} ({type(value).__name__})")
     names = tuple(value)
     for name in names:
         if not isinstance(name, str) or not name:
             raise ValueError(f"LoRAConfig.{field}: every entry must be a non-empty string, got {name!r}")
-    return names
+    return tuple(sorted(set(names)))
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,32 @@ class LoRAConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, require_all: bool = False) -> LoRAConfig:
+        """The config a `to_dict` mapping (or a user's dict of field names) describes; absent
+        fields keep their defaults unless `require_all` (a saved header must name them all)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        missing = sorted(known - set(data))
+        if require_all and missing:
+            raise ValueError(f"LoRAConfig: missing field(s) {missing}")
         return cls(**data)
+
+    @classmethod
+    def coerce(cls, value: Any, what: str = "LoRA config") -> LoRAConfig:
+        """A `LoRAConfig` from what the apply functions accept: a `LoRAConfig`, an argparse
+        namespace holding the `--lora-*` flags (`from_args`), or a mapping of field names
+        (`from_dict`). Anything else is a `TypeError`: silently reading defaults off an object
+        that merely lacks the flag attributes would train another adapter than asked for."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, argparse.Namespace):
+            return cls.from_args(value)
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise TypeError(f"{what}: expected a LoRAConfig, an argparse.Namespace of --lora-* flags "
+                        f"or a mapping of LoRAConfig fields, got {type(value).__name__}")
 
     @classmethod
     def from_args(cls, args: Any) -> LoRAConfig:

@@ -32,8 +32,10 @@ base_model_name_or_path=None) -> dict`
 `read_peft_adapter(directory) -> PeftAdapter`
     Reads and validates a folder written by PEFT or by `write_peft_adapter`: a LoRA config
     without PEFT features we do not implement (DoRA, trained biases, rank patterns, ...),
-    tensor keys of the form above, an A and a B per module with matching rank. Every
-    problem raises `FileNotFoundError` or `ValueError` naming the file, field or tensor key.
+    tensor keys of the form above, an A and a B per module with matching rank, and only for
+    modules the config targets (PEFT itself would ignore weights for any other module, so
+    loading them would compute another model than PEFT's). Every problem raises
+    `FileNotFoundError` or `ValueError` naming the file, field or tensor key.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -188,6 +191,33 @@ class PeftAdapter:
         )
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _matches_any(module: str, names: str | list[str] | None) -> bool:
+    """PEFT's rule: a string is a regex the whole module name must match; a list entry matches
+    a module whose name equals it or ends with `.<entry>`."""
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == name or module.endswith("." + name) for name in names)
+
+
+def targeted_by(module: str, config: Mapping[str, Any]) -> bool:
+    """Whether PEFT, given `config`, puts an adapter on the module named `module`."""
+    if not _matches_any(module, config.get("target_modules")):
+        return False
+    if _matches_any(module, config.get("exclude_modules")):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return True
+    index = _LAYER_INDEX.search(module)
+    layers = [layers] if isinstance(layers, int) else layers
+    return index is not None and int(index.group(1)) in layers
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"PEFT adapter: {path} does not exist")
@@ -205,6 +235,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     alpha = config.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"{path}: lora_alpha must be a number > 0, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"{path}: target_modules must be a non-empty list of module names (or "
+                         f"a regex string), got {targets!r}")
     for field, plain_values in _UNSUPPORTED_FIELDS.items():
         value = config.get(field, plain_values[0])
         if value not in plain_values:
@@ -255,6 +291,12 @@ def read_peft_adapter(directory: str | os.PathLike) -> PeftAdapter:
         raise ValueError(f"{path}: holds no LoRA tensors")
     adapters = {}
     for module, pair in sorted(factors.items()):
+        if not targeted_by(module, config):
+            raise ValueError(f"{path}: {adapter_tensor_key(module, 'A')} is for a module that "
+                             f"{ADAPTER_CONFIG_FILE} does not target (target_modules="
+                             f"{config['target_modules']!r}, exclude_modules="
+                             f"{config.get('exclude_modules')!r}, layers_to_transform="
+                             f"{config.get('layers_to_transform')!r})")
         for factor in ("A", "B"):
             if factor not in pair:
                 raise ValueError(f"{path}: {adapter_tensor_key(module, factor)} is missing "

@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from lora_common import LoRAConfig
+from lora_common.state import require_state
 from megatron_lora.interop.adapter_file import (
     AdapterCheckpoint,
     read_lora_checkpoint,
@@ -132,8 +133,10 @@ def load_lora_checkpoint(model, path: str | Path) -> None:
 
 def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
     """Copy full adapter tensors into this rank's LoRA parameters, after checking on every
-    rank that they fit (`source` names them in errors). Call on every rank."""
+    rank that they fit (`source` names them in errors). Call on every rank. Refused into a
+    merged model, whose W would keep the old adapter's delta."""
     modules = lora_modules(model)
+    require_state(modules, f"loading the adapter from {source}", merged=False, model=model)
     local_problems = _problems(checkpoint, modules, source)
     # The expected key set spans every pipeline stage; each rank knows only its own layers.
     expected, problems = set(), []

@@ -7,31 +7,27 @@ spec route does, so both routes give identical models.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallel
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
-from megatron_lora.layers.placement import place_adapter, place_lora
+from megatron_lora.layers.placement import check_exclusions, place_adapter, place_lora
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
 
 
-def as_lora_config(args_or_config: LoRAConfig | argparse.Namespace | Any) -> LoRAConfig:
-    if isinstance(args_or_config, LoRAConfig):
-        return args_or_config
-    return LoRAConfig.from_args(args_or_config)
-
-
 def apply_lora_to_megatron_model(model, args_or_config) -> Any:
     """Add LoRA to a built Megatron model (one module, or a list of virtual-pipeline chunks)
-    in place and return it. Apply before wrapping in DDP: the new parameters must exist when
+    in place and return it. `args_or_config`: a `LoRAConfig`, an argparse namespace of
+    `--lora-*` flags, or a mapping of `LoRAConfig` fields. Apply before wrapping in DDP: the new parameters must exist when
     DDP allocates its grad buffers. Freezes every non-LoRA parameter when `only_trainable`.
     Applying the same config twice is a no-op; another config raises."""
-    config = as_lora_config(args_or_config).resolve_targets(MEGATRON_TARGET_MODULES)
+    config = LoRAConfig.coerce(args_or_config, "apply_lora_to_megatron_model").resolve_targets(
+        MEGATRON_TARGET_MODULES)
     chunks = model_chunks(model)
     _check_not_wrapped(chunks)
     targets = set(config.target_modules)
@@ -56,6 +52,8 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no module of the model; "
                          f"its parallel linears are {sorted(linears)}")
+    configs = [m.config for chunk in chunks for m in chunk.modules() if hasattr(m, "config")]
+    check_exclusions(config, configs[0].num_layers if configs else None)
 
     if not to_convert:
         return model  # already carries this LoRA
@@ -75,10 +73,16 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
 
 
 def _check_not_wrapped(chunks: Iterable[torch.nn.Module]) -> None:
+    """Megatron's DDP allocates its grad buffers when it wraps a model, and points each
+    parameter's `main_grad` into them: adapters added afterwards would get no buffer and no
+    grad reduction. The mark is on the parameters, so the inner module of a DDP is caught too."""
     for chunk in chunks:
-        if hasattr(chunk, "buffers") and hasattr(chunk, "ddp_config"):
-            raise ValueError("apply_lora_to_megatron_model: the model is already wrapped in "
-                             "Megatron DDP; apply LoRA to the unwrapped model, then wrap it")
+        wrapped = isinstance(chunk, DistributedDataParallel) or next(
+            (name for name, p in chunk.named_parameters() if hasattr(p, "main_grad")), None)
+        if wrapped:
+            where = "" if wrapped is True else f" (parameter {wrapped!r} has a DDP main_grad)"
+            raise ValueError(f"apply_lora_to_megatron_model: the model is already wrapped in "
+                             f"Megatron DDP{where}; apply LoRA to the unwrapped model, then wrap it")
 
 
 def get_lora_parameters(model) -> dict[str, torch.nn.Parameter]:

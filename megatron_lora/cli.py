@@ -18,7 +18,10 @@ def _export_peft(args: argparse.Namespace) -> int:
     from megatron_lora.interop.peft_export import export_checkpoint
 
     hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
-    export_checkpoint(read_lora_checkpoint(args.checkpoint), args.out,
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")
+    export_checkpoint(read_lora_checkpoint(args.checkpoint), out,
                       base_model_name_or_path=args.base_model)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # a user's mistake: one line, no traceback
         print(f"megatron-lora {args.command}: {error}", file=sys.stderr)
         return 2
 

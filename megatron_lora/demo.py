@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lora_common import add_lora_arguments
+from lora_common import LoRAConfig, add_lora_arguments
 
 
 def task_batch(task: str, vocab: int, batch: int, seq: int, step: int):
@@ -187,9 +187,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """Every argument checked before any work or any file is written, each error naming its
+    flag (the CLI prints it as one line)."""
+    for flag in ("steps", "base_steps", "tp", "hidden", "layers", "heads", "vocab", "seq", "batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.hidden % args.heads or args.heads % args.tp or args.vocab % args.tp \
+            or (args.tp > 1 and args.seq * args.batch % args.tp):
+        raise ValueError(f"--hidden {args.hidden} must split into --heads {args.heads}, and heads, "
+                         f"--vocab {args.vocab} and the tokens into --tp {args.tp} ranks")
+    try:
+        LoRAConfig.from_args(args)
+    except ValueError as error:  # name the flag, not the field
+        raise ValueError(f"--lora-* flags: {error}") from error
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo writes a folder")
+
+
 def main(args: argparse.Namespace) -> int:
     from megatron_lora.runtime.launch import run_on_ranks
 
+    check_demo_arguments(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Megatron refuses to save into a non-empty folder; this one is the demo's own artifact.

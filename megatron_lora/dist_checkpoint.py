@@ -26,8 +26,9 @@ def save_dist_checkpoint(model, ckpt_dir: str) -> None:
     checkpointing. Call on every rank."""
     from megatron.core import dist_checkpointing
 
+    sharded = _sharded_state_dict(model)  # refused, before any file, if LoRA is merged
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(model), str(ckpt_dir))
+    dist_checkpointing.save(sharded, str(ckpt_dir))
 
 
 def _is_adapter_key(key: str) -> bool:
@@ -46,7 +47,9 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
     from megatron.core.dist_checkpointing.utils import extract_matching_values
 
     sharded = _sharded_state_dict(model)
-    saved = set(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    _check_global_shapes(model, metadata, ckpt_dir)
+    saved = set(metadata)
 
     def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
         return isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and entry.key not in saved
@@ -67,6 +70,22 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
             raise RuntimeError(f"{ckpt_dir}: state dict mismatch after load: unexpected "
                                f"{unexpected}, missing {absent}")
     return missing_keys
+
+
+def _check_global_shapes(model, metadata: dict, ckpt_dir) -> None:
+    """Refuse a checkpoint of another geometry before anything loads: the loader writes into
+    the model's own tensors as it goes, so a shape error midway would leave it half loaded."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    built = _sharded_state_dict(model)
+    apply_factories(built)  # SwiGLU fc1 and friends: the tensors their factories would save
+    for entry in _leaves(built):
+        saved = metadata.get(getattr(entry, "key", None))
+        if isinstance(entry, ShardedTensor) and saved is not None \
+                and tuple(saved.global_shape) != tuple(entry.global_shape):
+            raise ValueError(f"{ckpt_dir}: tensor {entry.key} has global shape "
+                             f"{list(saved.global_shape)} in the checkpoint, "
+                             f"{list(entry.global_shape)} in the model")
 
 
 def _leaves(tree):

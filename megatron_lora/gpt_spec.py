@@ -13,6 +13,7 @@ Megatron is initialized (`import megatron_lora` itself needs no megatron-core).
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import Any
 
 from lora_common import LoRAConfig
@@ -49,13 +50,7 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     lora = LoRAConfig.from_args(args)
     base_spec = getattr(args, "lora_base_spec", None)
     if base_spec:
-        from megatron.core.transformer.spec_utils import import_module
-
-        if len(base_spec) != 2:
-            raise ValueError(f"--lora-base-spec takes MODULE FUNCTION, got {base_spec!r}")
-        base = import_module(tuple(base_spec))
-        if base is None:
-            raise ValueError(f"--lora-base-spec {' '.join(base_spec)}: cannot import it")
+        base = _import_base_spec(base_spec)
         if callable(base):
             base = base(args, config, vp_stage)
         return lora_spec(base, lora)
@@ -68,6 +63,23 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     return gpt_lora_spec(config, lora, use_transformer_engine=use_te,
                          num_experts=getattr(args, "num_experts", None), vp_stage=vp_stage,
                          **spec_flags)
+
+
+def _import_base_spec(base_spec) -> Any:
+    """What `--lora-base-spec MODULE NAME` names (a spec, or a function returning one), as
+    Megatron's `--spec` would resolve it, with errors that name the flag."""
+    if len(base_spec) != 2:
+        raise ValueError(f"--lora-base-spec takes MODULE FUNCTION, got {base_spec!r}")
+    module_name, name = base_spec
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--lora-base-spec {module_name} {name}: cannot import module "
+                         f"{module_name!r} ({error})") from error
+    if name not in vars(module):
+        raise ValueError(f"--lora-base-spec {module_name} {name}: module {module_name!r} has no "
+                         f"{name!r}")
+    return vars(module)[name]
 
 
 def default_gpt_spec(config: Any, *, use_transformer_engine: bool | None = None,

@@ -14,6 +14,7 @@ import torch
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.peft_files import read_peft_adapter
+from lora_common.state import require_state
 from megatron_lora.adapter_checkpoint import gather_adapter, load_adapter
 from megatron_lora.apply import apply_lora_to_megatron_model
 from megatron_lora.interop import hf_mapping
@@ -57,11 +58,14 @@ def import_peft_adapter(model, adapter_dir: str | Path) -> LoRAConfig:
     keys, shapes or layers that do not fit the model) raises `ValueError` naming the key,
     before the model is touched."""
     source = str(adapter_dir)
+    existing = lora_modules(model)
+    if existing:  # the adapters may be rebuilt below: refuse a merged model before that
+        require_state(existing, "import_peft_adapter", merged=False, model=model)
     adapter = read_peft_adapter(adapter_dir)
     geometry = _geometry(model)
     tensors, rank, alpha = fuse_peft_adapter(adapter, geometry, source)
     targets = {hf_mapping.parse_megatron_module(k.rsplit(".lora_", 1)[0])[1] for k in tensors}
-    existing = list(lora_modules(model).values())
+    existing = list(existing.values())
     previous = existing[0].lora_config if existing else LoRAConfig()
     config = LoRAConfig(
         r=rank, alpha=alpha, dropout=float(adapter.config.get("lora_dropout") or 0.0),

@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
-from megatron_lora.layers.placement import lora_layer_class
+from megatron_lora.layers.placement import check_exclusions, lora_layer_class
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
 
 
@@ -32,6 +32,7 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
     that do exist) and when a target is a class LoRA does not support.
     """
     config = config.resolve_targets(MEGATRON_TARGET_MODULES)
+    check_exclusions(config, num_layers=None)
     walk = _SpecWalk(config)
     if isinstance(spec, TransformerBlockSubmodules):
         result = dataclasses.replace(spec, layer_specs=[walk.layer(s) for s in spec.layer_specs])

@@ -36,13 +36,14 @@ LAYOUT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride
 class MergedWeights(Mapping):
     """A read-only view of `tensors` in which each base weight with an adapter reads as
     `W + scaling * B @ A` (computed on access, on `device` or else W's own) and the adapter
-    matrices are hidden. Every other tensor is returned as it is."""
+    matrices are hidden. Every other tensor is returned as it is. `r` is the adapters' rank:
+    a pair of another rank is refused, as the scaling would not be its own."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], scaling: float, device=None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], scaling: float, r: int, device=None):
         self._tensors = tensors
         self._scaling = scaling
         self._device = device
-        self.adapters = _adapter_pairs(tensors)  # {base weight name: (A name, B name)}
+        self.adapters = _adapter_pairs(tensors, r)  # {base weight name: (A name, B name)}
         self._names = [name for name in tensors if not is_lora_parameter(name)]
         self._name_set = set(self._names)
 
@@ -77,8 +78,9 @@ class MergedWeights(Mapping):
         return merged
 
 
-def _adapter_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
-    """`{base weight: (A, B)}` for every adapter in `tensors`; every problem named at once."""
+def _adapter_pairs(tensors: Mapping[str, torch.Tensor], r: int) -> dict[str, tuple[str, str]]:
+    """`{base weight: (A, B)}` for every adapter in `tensors`, each of rank `r`; every problem
+    named at once."""
     pairs, problems, seen = {}, [], set()
     for name in tensors:
         prefix = adapter_prefix(name)
@@ -96,6 +98,10 @@ def _adapter_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, 
         if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(W.shape):
             problems.append(f"{base} {tuple(W.shape)} cannot take lora_B {tuple(B.shape)} @ "
                             f"lora_A {tuple(A.shape)}")
+            continue
+        if A.shape[0] != r:
+            problems.append(f"{a_name} {tuple(A.shape)} has rank {A.shape[0]}; the model's LoRA "
+                            f"modules have r={r}")
             continue
         pairs[base] = (a_name, b_name)
     if problems:
@@ -119,11 +125,12 @@ def merged_weights(tensors: Mapping[str, torch.Tensor], model, device=None) -> M
     # Merged in place, the weights already hold the adapter; inside disable_lora, the merged
     # model is not the base model that context promises.
     require_state(modules, "merged_weights", merged=False, disabled=False, model=model)
-    scalings = sorted({m.lora_scaling for m in modules.values()})
-    if len(scalings) != 1:
-        raise ValueError(f"merged_weights: the model's LoRA modules disagree on the scaling "
-                         f"{scalings}")
-    view = MergedWeights(tensors, scalings[0], device)
+    shapes = sorted({(m.lora_config.r, m.lora_scaling) for m in modules.values()})
+    if len(shapes) != 1:
+        raise ValueError(f"merged_weights: the model's LoRA modules disagree on (r, scaling): "
+                         f"{shapes}")
+    (r, scaling), = shapes
+    view = MergedWeights(tensors, scaling, r, device)
     if len(view.adapters) != len(modules):
         raise ValueError(f"merged_weights: the tensors pair {len(view.adapters)} adapter(s) "
                          f"with base weights, the model has {len(modules)} LoRA module(s)")

@@ -142,7 +142,7 @@ def write_variant(source, target, mutate):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     mutate(tensors, header)
     header["sha256"] = {k: adapter_file.tensor_digest(t) for k, t in tensors.items()}
-    atomic_save_safetensors(tensors, target, {adapter_file.HEADER_KEY: json.dumps(header)})
+    atomic_save_safetensors(tensors, target, adapter_file.header_metadata(header))
 
 
 def adapter_mismatches(tmp):

@@ -36,7 +36,7 @@ def test_targets_resolve_to_the_backend_default_only_when_unset():
     assert LoRAConfig().resolve_targets(MEGATRON_TARGET_MODULES).target_modules == MEGATRON_TARGET_MODULES
     assert LoRAConfig().resolve_targets(HF_TARGET_MODULES).target_modules == HF_TARGET_MODULES
     mine = LoRAConfig(target_modules="linear_qkv, linear_proj")
-    assert mine.target_modules == ("linear_qkv", "linear_proj")
+    assert mine.target_modules == ("linear_proj", "linear_qkv")  # a set, kept sorted
     assert mine.resolve_targets(MEGATRON_TARGET_MODULES) is mine
 
 
@@ -112,7 +112,7 @@ def test_yaml_keys_of_the_same_names_work(tmp_path):
         setattr(args, key, value)
     config = LoRAConfig.from_args(args)
     assert (config.r, config.alpha, config.only_trainable) == (8, 16, False)
-    assert config.target_modules == ("linear_qkv", "linear_proj")
+    assert config.target_modules == ("linear_proj", "linear_qkv")
 
 
 def test_flags_do_not_clash_with_megatron():

@@ -116,7 +116,9 @@ def test_mapping_names_the_real_hf_modules_and_their_extras(model_type):
 
 
 def test_target_module_names_round_trip():
-    assert hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES) == list(HF_TARGET_MODULES)
+    assert hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES) == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # HF order
+    assert sorted(hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES)) == list(HF_TARGET_MODULES)
     assert hf_mapping.hf_target_modules(["linear_fc2", "linear_qkv"]) == ["q_proj", "k_proj", "v_proj", "down_proj"]
     assert {hf_mapping.megatron_target(leaf) for leaf in HF_TARGET_MODULES} == set(MEGATRON_TARGET_MODULES)
     for target in MEGATRON_TARGET_MODULES:

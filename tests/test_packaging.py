@@ -65,3 +65,34 @@ def test_fsdp_lora_works_without_megatron_core():
     names = [f"{b}.{m}.{p}" for b in "01" for m in ("out", "q_proj", "v_proj") for p in ("bias", "weight")]
     lora = [f"{b}.{m}.lora_{f}.weight" for b in "01" for m in ("q_proj", "v_proj") for f in "AB"]
     assert result.stdout.strip() == f"{sorted(lora)} {sorted(names)}"
+
+
+# Runs with megatron blocked: the offline tools on an adapter checkpoint written without a model.
+OFFLINE_TOOLS_WITHOUT_MEGATRON = """
+import sys, tempfile, torch
+sys.modules["megatron"] = None   # any import of megatron now raises ImportError
+from lora_common import LoRAConfig
+from megatron_lora.cli import main
+from megatron_lora.interop.adapter_file import AdapterCheckpoint, write_adapter_checkpoint
+from megatron_lora.interop.geometry import Geometry
+
+geometry = Geometry(num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1,
+                    kv_channels=4, ffn_hidden_size=6)
+name = "decoder.layers.0.self_attention.linear_qkv"
+tensors = {f"{name}.lora_A.weight": torch.ones(2, 8), f"{name}.lora_B.weight": torch.ones(16, 2)}
+config = LoRAConfig(r=2, alpha=4, target_modules=["linear_qkv"])
+folder = tempfile.mkdtemp()
+write_adapter_checkpoint(AdapterCheckpoint(tensors, config, geometry), f"{folder}/a.safetensors")
+assert main(["inspect", f"{folder}/a.safetensors"]) == 0
+assert main(["export-peft", f"{folder}/a.safetensors", f"{folder}/peft"]) == 0
+assert main(["inspect", f"{folder}/peft"]) == 0
+assert not any(m == "megatron" or m.startswith("megatron.") for m in sys.modules
+               if sys.modules[m] is not None)
+"""
+
+
+def test_offline_export_and_inspect_work_without_megatron_core():
+    result = subprocess.run([sys.executable, "-c", OFFLINE_TOOLS_WITHOUT_MEGATRON],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "k_proj q_proj v_proj" in result.stdout  # the PEFT folder adapts q, k and v

@@ -4,8 +4,10 @@ Tensor names are the adapters' places in the unsplit model
 (`decoder.layers.3.mlp.linear_fc1.lora_B.weight`), whatever the TP, PP or virtual-pipeline
 split they were saved from. The safetensors metadata carries a JSON header: the `LoRAConfig`,
 the model geometry (enough to split fused adapters offline, e.g. for a PEFT export) and a
-SHA-256 of every tensor, so a corrupted file is detected instead of loaded as garbage. Files
-are written atomically: a process killed mid-save leaves the previous checkpoint intact.
+SHA-256 of every tensor, plus a SHA-256 of the header itself, so a corrupted file (a flipped
+byte in a tensor, or a flipped digit of `alpha`) is refused instead of loaded as another
+adapter. Files are written atomically: a process killed mid-save leaves the previous
+checkpoint intact.
 
 No model and no Megatron here: reading, verifying and writing the file only.
 """
@@ -24,8 +26,11 @@ from lora_common.atomic import atomic_save_safetensors
 from megatron_lora.interop.geometry import Geometry
 
 FORMAT = "megatron-lora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # 2 added the header digest; version 1 files (no digest) still read
 HEADER_KEY = "megatron_lora"
+HEADER_DIGEST_KEY = "megatron_lora_sha256"  # SHA-256 of the header's JSON text, as stored
+HEADER_FIELDS = {"format": str, "format_version": int, "lora_config": dict, "geometry": dict,
+                 "sha256": dict}
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,19 @@ def write_adapter_checkpoint(checkpoint: AdapterCheckpoint, path: str | Path) ->
               "lora_config": checkpoint.config.to_dict(),
               "geometry": checkpoint.geometry.to_dict(),
               "sha256": {name: tensor_digest(t) for name, t in checkpoint.tensors.items()}}
-    atomic_save_safetensors(checkpoint.tensors, path, metadata={HEADER_KEY: json.dumps(header)})
+    atomic_save_safetensors(checkpoint.tensors, path, metadata=header_metadata(header))
+
+
+def header_metadata(header: dict) -> dict[str, str]:
+    """The safetensors metadata that carries `header`: its JSON text and that text's SHA-256."""
+    text = json.dumps(header, sort_keys=True)
+    return {HEADER_KEY: text, HEADER_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
 
 
 def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
     """Read and verify an adapter checkpoint (no model needed). Raises `ValueError` naming the
-    file and the problem: unreadable or truncated file, foreign format, a tensor whose bytes do
-    not match the recorded SHA-256."""
+    file and the problem: unreadable or truncated file, foreign format, a header that does not
+    match its SHA-256 or lacks a field, a tensor whose bytes do not match its SHA-256."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -67,19 +78,45 @@ def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: no megatron-lora header; not an adapter checkpoint") from error
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {header.get('format')!r} version "
-                         f"{header.get('format_version')!r}; expected {FORMAT!r} {FORMAT_VERSION}")
-    digests = header.get("sha256", {})
+    header = _read_header(metadata, path)
+    digests = header["sha256"]
     if sorted(digests) != sorted(tensors):
         raise ValueError(f"{path}: header lists tensors {sorted(set(digests) ^ set(tensors))} "
                          f"that the file does not hold, or the reverse")
     for name, tensor in tensors.items():
         if tensor_digest(tensor) != digests[name]:
             raise ValueError(f"{path}: tensor {name} is corrupted (SHA-256 mismatch)")
-    return AdapterCheckpoint(tensors, LoRAConfig.from_dict(header["lora_config"]),
-                             Geometry.from_dict(header["geometry"]))
+    try:
+        config = LoRAConfig.from_dict(header["lora_config"], require_all=True)
+        geometry = Geometry.from_dict(header["geometry"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: header: {error}") from error
+    return AdapterCheckpoint(tensors, config, geometry)
+
+
+def _read_header(metadata: dict, path: Path) -> dict:
+    """The JSON header, verified against its digest, with every field present and typed."""
+    text = metadata.get(HEADER_KEY)
+    if text is None:
+        raise ValueError(f"{path}: no megatron-lora header; not an adapter checkpoint")
+    digest = metadata.get(HEADER_DIGEST_KEY)
+    if digest is not None and hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise ValueError(f"{path}: the header is corrupted (its SHA-256 does not match)")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: the header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is a {type(header).__name__}, not a JSON object")
+    if header.get("format") != FORMAT or header.get("format_version") not in (1, FORMAT_VERSION):
+        raise ValueError(f"{path}: format {header.get('format')!r} version "
+                         f"{header.get('format_version')!r}; expected {FORMAT!r} {FORMAT_VERSION}")
+    if digest is None and header["format_version"] != 1:
+        raise ValueError(f"{path}: the header's SHA-256 ({HEADER_DIGEST_KEY}) is missing")
+    problems = [f"{field} is missing" if field not in header else
+                f"{field} is a {type(header[field]).__name__}, not a {kind.__name__}"
+                for field, kind in HEADER_FIELDS.items()
+                if not isinstance(header.get(field), kind) or isinstance(header.get(field), bool)]
+    if problems:
+        raise ValueError(f"{path}: header field(s): " + "; ".join(problems))
+    return header

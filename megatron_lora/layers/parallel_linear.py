@@ -159,7 +159,14 @@ class LoRAParallelLinear(LoRAState):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The base class's sharded state dict, with the adapters described by their own split:
         the base maps only `weight`/`bias` and would save the split matrix as if replicated,
-        keeping one rank's shard and silently dropping the others."""
+        keeping one rank's shard and silently dropping the others.
+
+        Refused while merged: W then holds the delta, and a checkpoint of W beside the adapters
+        would reload as the delta applied twice (and loading into it would keep the old one)."""
+        if self.lora_merged:
+            raise RuntimeError(f"{prefix.rstrip('.') or type(self).__name__}: LoRA is merged into "
+                               f"the weight; a checkpoint would reload with the delta applied "
+                               f"twice: unmerge_lora_weights first")
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         metadata = metadata or {}
         dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(

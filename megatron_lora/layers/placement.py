@@ -12,6 +12,7 @@ therefore give the same adapters.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -27,8 +28,27 @@ def is_excluded(qualified: str, exclude_modules: tuple[str, ...]) -> bool:
     return any(qualified == entry or qualified.endswith("." + entry) for entry in exclude_modules)
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
+    """Refuse an exclude entry that can match no adapted module: its last name must be one of
+    the targets, and a layer it names must exist. Checkable on every rank and at spec time,
+    without the other pipeline stages' modules (an entry is a path in the unsplit model)."""
+    for entry in config.exclude_modules:
+        index = _LAYER_INDEX.search(entry)
+        if entry.rsplit(".", 1)[-1] in config.target_modules and (
+                index is None or num_layers is None or int(index.group(1)) < num_layers):
+            continue
+        layers = f"decoder.layers.<0..{num_layers - 1}>" if num_layers else "decoder.layers.<i>"
+        raise ValueError(f"LoRA exclude_modules entry {entry!r} matches no LoRA module: the "
+                         f"adapted modules are {', '.join(config.target_modules)}, named "
+                         f"{layers}.<path in layer> (an entry may be any dotted suffix of that)")
+
+
 def place_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
     """Initialize, exclude and freeze the adapters inside one built transformer layer."""
+    check_exclusions(config, layer.config.num_layers)
     layer_number = getattr(layer, "layer_number", None)
     for name, module in list(layer.named_modules()):
         if is_lora_linear(module):

@@ -15,10 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_lora.runtime import cpu, processes
+from megatron_lora.runtime import processes
 from megatron_lora.runtime.processes import RankError  # noqa: F401 - re-exported for callers
 
 
@@ -26,6 +24,12 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **size
     """(Re)initialize Megatron's parallel state on the running process group and seed its RNG
     tracker. Calling it again with other sizes switches layouts inside one launch, e.g. to
     compare TP=2 with TP=1 (where the 2 ranks become data-parallel replicas)."""
+    # Imported here: the parent process calls `run_on_ranks` and never needs megatron-core.
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_lora.runtime import cpu
+
     cpu.enable()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -37,6 +41,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **size
 
 
 def _with_model_parallel(parallel, fn, *args, **kwargs):
+    from megatron.core import parallel_state
+
     initialize_model_parallel(**parallel)
     try:
         return fn(*args, **kwargs)
