@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step time (and peak memory) of LoRA vs full fine-tuning vs frozen base on one CUDA GPU, bf16,
 # hidden 4096, local Megatron layers (no Transformer Engine): the GPU counterpart of the CPU
-# benchmarks. Status: ready, not yet run.
+# benchmarks.
 #
 # How to run it on a lent H200 (the device tool; its image has Python 3.12 and torch 2.11 with
 # CUDA, but no megatron-core and no network, so the wheel travels in the git-ignored wheels/):
