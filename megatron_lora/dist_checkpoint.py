@@ -2,15 +2,21 @@
 
 The LoRA linears describe every adapter tensor with its true TP split in
 `sharded_state_dict` (see `LoRAParallelLinear.sharded_state_dict`), so
-`megatron.core.dist_checkpointing` saves every shard and reloads at any TP size. These two
-helpers add what a LoRA run needs on top: loading a base-only checkpoint into a LoRA model.
+`megatron.core.dist_checkpointing` saves every shard and reloads at any TP size. These helpers
+add what a LoRA run needs on top: loading a base-only checkpoint into a LoRA model, with our
+own loader or, inside `allow_missing_adapters()`, with any caller's (Megatron-LM's
+`load_checkpoint`) under any `--dist-ckpt-strictness`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 from megatron_lora.lora_layer import model_chunks
+
+logger = logging.getLogger(__name__)
 
 
 def _sharded_state_dict(model) -> dict:
@@ -40,16 +46,8 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
     Any other tensor missing from the checkpoint is an error naming it, raised before the
     model is touched. Returns the adapter keys that were not in the checkpoint."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_matching_values
 
-    sharded = _sharded_state_dict(model)
-    saved = set(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
-
-    def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
-        return isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and entry.key not in saved
-
-    missing, present = extract_matching_values(sharded, is_missing)
+    missing, present = _split_by_presence(_sharded_state_dict(model), str(ckpt_dir))
     missing_keys = sorted({entry.key for entry in _leaves(missing)})
     not_adapters = [key for key in missing_keys if not _is_adapter_key(key)]
     if not_adapters:
@@ -65,6 +63,67 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
             raise RuntimeError(f"{ckpt_dir}: state dict mismatch after load: unexpected "
                                f"{unexpected}, missing {absent}")
     return missing_keys
+
+
+def _split_by_presence(sharded_state_dict: dict, ckpt_dir: str, only=lambda key: True):
+    """(tensor entries whose key the checkpoint lacks and `only` accepts, everything else)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_matching_values
+
+    saved = set(dist_checkpointing.load_tensors_metadata(ckpt_dir))
+
+    def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
+        return (isinstance(entry, (ShardedTensor, ShardedTensorFactory))
+                and entry.key not in saved and only(entry.key))
+
+    return extract_matching_values(sharded_state_dict, is_missing)
+
+
+def _has_adapter_entries(tree) -> bool:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return any(isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and _is_adapter_key(entry.key)
+               for entry in _leaves(tree))
+
+
+@contextlib.contextmanager
+def allow_missing_adapters():
+    """Within: `megatron.core.dist_checkpointing.load`, whoever calls it (Megatron-LM's
+    `load_checkpoint` does), leaves the LoRA adapter tensors that the checkpoint does not hold
+    out of the request, and logs them. They keep their init and `load_state_dict` reports them
+    missing; every other tensor is checked as the caller's strictness says.
+
+    What it adds to the LoRA layers' own `sharded_state_dict` (which loads a base-only checkpoint
+    under every strictness that tolerates absent keys): the strictnesses that refuse them
+    (`raise_unexpected`, `raise_all`, and the default `assume_ok_unexpected` on megatron-core's
+    own torch_dist strategy, which raises `KeyError: ... from model not in state dict`; slime's
+    patched Megatron-LM skips absent keys there). A request without adapters is passed on
+    untouched, with no extra read. Nests; restores the original function on exit.
+    """
+    from megatron.core import dist_checkpointing
+
+    original = dist_checkpointing.load
+    if getattr(original, "_lora_allows_missing_adapters", False):
+        yield
+        return
+
+    def load(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        if _has_adapter_entries(sharded_state_dict):
+            absent, sharded_state_dict = _split_by_presence(
+                sharded_state_dict, str(checkpoint_dir), only=_is_adapter_key)
+            keys = sorted({entry.key for entry in _leaves(absent)})
+            if keys:
+                logger.warning("%s holds no LoRA adapters for %d tensor(s), left at their init: %s",
+                               checkpoint_dir, len(keys), keys)
+        return original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    load._lora_allows_missing_adapters = True
+    dist_checkpointing.load = load
+    try:
+        yield
+    finally:
+        dist_checkpointing.load = original
 
 
 def _leaves(tree):

@@ -25,6 +25,7 @@ so merging is local, and the only extra communication is of `[tokens, r]` activa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -38,6 +39,17 @@ COLUMN = "column"
 ROW = "row"
 
 
+class _NotInCheckpoint:
+    """What a dist-checkpoint load returns for a SwiGLU fc1's `lora_B.weight` that the checkpoint
+    does not hold (a base-only checkpoint, under a strictness that leaves absent keys out)."""
+
+    def __repr__(self) -> str:
+        return "<LoRA adapter not in the checkpoint: kept as initialized>"
+
+
+NOT_IN_CHECKPOINT = _NotInCheckpoint()
+
+
 class LoRAMatrix(torch.nn.Module):
     """One adapter matrix, held as `.weight` so the state-dict name is PEFT's `lora_A.weight`.
 
@@ -47,6 +59,14 @@ class LoRAMatrix(torch.nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = torch.nn.Parameter(weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dist checkpoint without this adapter: leave it as it is, reported as a missing key
+        # (as an adapter absent from the state dict is).
+        key = f"{prefix}weight"
+        if state_dict.get(key) is NOT_IN_CHECKPOINT:
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _group_size_rank(group) -> tuple[int, int]:
@@ -200,10 +220,8 @@ class LoRAParallelLinear:
         if getattr(self.lora_B.weight, "partition_stride", 1) == 2:
             # SwiGLU fc1: each rank holds [gate_i; up_i]; Megatron's factory saves the two
             # halves as separate global tensors, as MLP does for fc1's weight.
-            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
             key = f"{prefix}lora_B.weight"
-            adapter_state[key] = apply_swiglu_sharded_factory(
+            adapter_state[key] = _swiglu_factory_tolerating_absence(
                 adapter_state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
         state.update(adapter_state)
         return state
@@ -260,6 +278,34 @@ class LoRAParallelLinear:
         if h.dtype != output.dtype:  # e.g. an fp32 base output with bf16 adapters
             h, B = h.to(output.dtype), B.to(output.dtype)
         return _AccumulateLoRAOutput.apply(output, h, B, self.lora_scaling)
+
+
+def _swiglu_factory_tolerating_absence(sharded_tensor, sharded_offsets, singleton_local_shards):
+    """Megatron's SwiGLU factory (same saved tensors, keys and offsets) whose load survives a
+    checkpoint without the tensor.
+
+    A dist-checkpoint load under a strictness other than the default (`log_unexpected`, `log_all`,
+    `ignore_all`, `return_*`) drops the keys the checkpoint lacks from the request, but not the
+    factories built from them; `apply_factory_merges` then finds no entry for the factory and
+    raises (`Different dict keys encountered`). So the build also yields a non-persistent marker,
+    which is never saved and is merged back into the loaded state before the factories run: the
+    merge always finds its entry, and with the two halves gone it returns `NOT_IN_CHECKPOINT`,
+    which `LoRAMatrix` leaves out of the load (a missing key, as for lora_A).
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    factory = apply_swiglu_sharded_factory(sharded_tensor, sharded_offsets, singleton_local_shards)
+    build_halves, merge_halves = factory.build_fn, factory.merge_fn
+
+    def build(key, data, replica_id, flattened_range):
+        return {"halves": build_halves(key, data, replica_id, flattened_range),
+                "marker": LocalNonpersistentObject(None)}
+
+    def merge(loaded):
+        return merge_halves(loaded["halves"]) if "halves" in loaded else NOT_IN_CHECKPOINT
+
+    return dataclasses.replace(factory, build_fn=build, merge_fn=merge)
 
 
 class _AccumulateLoRAOutput(torch.autograd.Function):
