@@ -5,6 +5,8 @@
 - `standins`: SGLang, torch_memory_saver and Ray, which cannot run here (each fails loudly);
 - `cpu_accelerator`: slime's accelerator contract on the CPU (gloo);
 - `runtime`: what a rank does before slime is imported, and the process group slime creates;
+- `actors`: slime's command line, and building / retiring `MegatronTrainRayActor` in-process;
+- `rollout`: the per-rank batch slime's RolloutManager would hand `train`;
 - `tiny_qwen2`: the HF model slime starts from;
 - `engines`: the rollout side of each weight-sync transport, capturing the HF tensors;
 - `stages`: the stages a test asserts on.
