@@ -68,7 +68,7 @@ def architecture(name_or_config: str | Any) -> Architecture:
             model_type = getattr(name_or_config, "model_type", None)
             name = by_type.get(model_type, f"model_type {model_type!r}")
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name}; megatron_lora.hf_layout knows "
+        raise ValueError(f"unknown architecture {name}; megatron_lora.interop.hf_mapping knows "
                          f"{', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 

@@ -1,5 +1,5 @@
 """A minimal training loop on Megatron's own DDP and grad finalization (the demo's, and the
-tests'), which runs on CPU with `megatron_lora.cpu` as well as on GPU.
+tests'), which runs on CPU with `megatron_lora.runtime.cpu` as well as on GPU.
 
 Megatron's DDP accumulates grads into `main_grad` buffers and `finalize_model_grads` reduces
 them (data-parallel all-reduce, plus the TP sum of `sequence_parallel`-marked grads that LoRA

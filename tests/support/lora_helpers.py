@@ -65,7 +65,7 @@ def set_nonzero_B(model, seed: int = 7) -> None:
 
 
 def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None):
-    """`megatron_lora.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches."""
+    """`megatron_lora.runtime.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches."""
     from support import tiny_gpt
 
     from megatron_lora.runtime.ddp_training import train_with_megatron_ddp as train
