@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
-
 from lora_common import LoRAConfig
 from lora_common.state import require_state
+from megatron_lora.adapter_tensors import adapter_state, full_adapter_tensors
 from megatron_lora.interop.adapter_file import (
     AdapterCheckpoint,
     read_lora_checkpoint,
@@ -55,38 +54,31 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
-def _is_first_replica() -> bool:
-    if not parallel_state.model_parallel_is_initialized():
-        return True
-    return (parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
-
-
-def _config_and_geometry(modules: dict) -> tuple[LoRAConfig, Geometry]:
+def config_and_geometry(modules: dict) -> tuple[LoRAConfig, Geometry]:
     if not modules:
         raise ValueError("the model has no LoRA modules")
     first = next(iter(modules.values()))
     return first.lora_config, Geometry.from_megatron(first.config)
 
 
+def gather_to_rank0(contribution: dict) -> dict | None:
+    """Every rank's `contribution` (a dict) merged on rank 0, sorted by name; None elsewhere.
+    Call on every rank."""
+    gathered = {}
+    for received in _gather_to_rank0(contribution):
+        gathered.update(received)
+    _, rank = _world()
+    return dict(sorted(gathered.items())) if rank == 0 else None
+
+
 def gather_adapter(model) -> AdapterCheckpoint | None:
     """The model's adapters as full tensors named by their place in the unsplit model, with
     config and geometry: on rank 0; None on the other ranks. Call on every rank."""
-    modules = lora_modules(model)
-    config, geometry = _config_and_geometry(modules)
-    tensors = {}
-    for name, module in modules.items():
-        for matrix in MATRICES:
-            param = getattr(module, matrix).weight
-            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(
-                param, module.lora_tp_group).cpu()
-    # Pipeline stages hold different layers; TP ranks (after the gather) and data-parallel
-    # replicas hold the same ones: one copy of each travels to rank 0.
-    gathered = {}
-    for received in _gather_to_rank0(tensors if _is_first_replica() else {}):
-        gathered.update(received)
-    _, rank = _world()
-    return AdapterCheckpoint(dict(sorted(gathered.items())), config, geometry) if rank == 0 else None
+    config, geometry = config_and_geometry(lora_modules(model))
+    # TP-gathered per stage (the adapter sync's producer, reading the live parameters);
+    # pipeline stages hold different layers, so each stage's contribution travels to rank 0.
+    tensors = gather_to_rank0(full_adapter_tensors(adapter_state(model), model))
+    return None if tensors is None else AdapterCheckpoint(tensors, config, geometry)
 
 
 def save_lora_checkpoint(model, path: str | Path) -> None:
@@ -101,7 +93,7 @@ def save_lora_checkpoint(model, path: str | Path) -> None:
 
 def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: str) -> list[str]:
     """Every way the checkpoint does not fit this rank's part of the model."""
-    config, geometry = _config_and_geometry(modules)
+    config, geometry = config_and_geometry(modules)
     problems = []
     for field in FUNCTIONAL_FIELDS:
         mine, theirs = getattr(config, field), getattr(checkpoint.config, field)

@@ -51,3 +51,11 @@ def lora_modules(model) -> dict[str, torch.nn.Module]:
                 name_in_layer = path[len(layer_path) + 1:]
                 modules[qualified_name(layers[layer_path].layer_number, name_in_layer)] = module
     return modules
+
+
+def lora_tensors(model) -> dict[str, tuple[torch.Tensor, torch.nn.Module]]:
+    """Every adapter matrix of this rank by its name in the unsplit model (the module's name,
+    then `lora_A.weight` / `lora_B.weight`), with the module that holds it: the names adapter
+    checkpoints and the adapter sync use, and what a trainer's global names end with."""
+    return {f"{name}.{matrix}.weight": (getattr(module, matrix).weight, module)
+            for name, module in lora_modules(model).items() for matrix in ("lora_A", "lora_B")}

@@ -55,20 +55,35 @@ def serving_warnings(r: int) -> list[str]:
             f"serve with vLLM --max-lora-rank {fitting[0]} (SGLang: --max-lora-rank {r} or more)"]
 
 
+def peft_config(checkpoint: AdapterCheckpoint, modules, *,
+                base_model_name_or_path: str | None = None,
+                task_type: str = "CAUSAL_LM") -> dict:
+    """The `adapter_config.json` dict of the PEFT adapter made of `modules` (HF module names,
+    every layer's) for `checkpoint`'s config and geometry (its tensors are not read)."""
+    targets = checkpoint.config.target_modules
+    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
+    # so PEFT adapts exactly the modules that have tensors.
+    present = set(modules)
+    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in targets
+                for name in hf_mapping.hf_module_names(layer, target) if name not in present]
+    return adapter_config_dict(
+        checkpoint.config, hf_mapping.hf_target_modules(targets), exclude_modules=excluded,
+        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+
+
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,
                       base_model_name_or_path: str | None = None,
                       task_type: str = "CAUSAL_LM") -> dict:
     """Write `checkpoint` as a PEFT adapter folder; returns the adapter_config written."""
     adapters = peft_modules(checkpoint)
-    targets = checkpoint.config.target_modules
-    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
-    # so PEFT adapts exactly the modules that have tensors.
-    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in targets
-                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
-    config = adapter_config_dict(
-        checkpoint.config, hf_mapping.hf_target_modules(targets), exclude_modules=excluded,
-        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-    for note in serving_warnings(checkpoint.config.r):
-        warnings.warn(f"export_peft_adapter: {note}", stacklevel=3)
+    config = peft_config(checkpoint, adapters, base_model_name_or_path=base_model_name_or_path,
+                         task_type=task_type)
+    warn_serving_rank(checkpoint.config.r)
     write_peft_adapter(out_dir, config, adapters)
     return config
+
+
+def warn_serving_rank(r: int, stacklevel: int = 4) -> None:
+    """Warn (from the caller's caller's caller, by default) what serving engines say of rank r."""
+    for note in serving_warnings(r):
+        warnings.warn(f"export_peft_adapter: {note}", stacklevel=stacklevel)
