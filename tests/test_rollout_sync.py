@@ -95,3 +95,36 @@ def test_rslora_is_folded_into_lora_alpha_for_sglang():
     plain = {**peft, "use_rslora": False}
     assert sglang.serving_config(plain) == {**plain, "target_modules": ["q_proj"]}
     assert peft["use_rslora"] is True  # the caller's dict is not changed
+
+
+def test_the_base_goes_once_to_each_engine_and_after_offloads_that_drop_it():
+    from megatron_lora import AdapterSync
+
+    adapter = slime_args("--use-lora", "--lora-sync", "adapter")
+    sync = AdapterSync(adapter, model=None)
+    a, b = object(), object()
+    sync.connect([a])
+    assert sync.sends_base()          # the first sync
+    sync.base_sent = True             # what push_adapter records
+    assert not sync.sends_base()      # later syncs: the adapter only
+    sync.connect([a])
+    assert not sync.sends_base()      # the same engines again
+    sync.connect([a, b])
+    assert sync.sends_base()          # a new engine (slime's fault recovery) needs the base
+    # --offload-rollout without SGLang's CPU copy of its weights: the base every sync
+    offload = slime_args("--use-lora", "--lora-sync", "adapter", offload_rollout=True)
+    dropping = AdapterSync(offload, model=None)
+    dropping.connect([a])
+    dropping.base_sent = True
+    assert dropping.sends_base()
+    kept = AdapterSync(slime_args("--use-lora", "--lora-sync", "adapter", offload_rollout=True,
+                                  sglang_enable_weights_cpu_backup=True), model=None)
+    kept.connect([a])
+    kept.base_sent = True
+    assert not kept.sends_base()
+    # merged mode: the whole model every sync, no adapter
+    merged = AdapterSync(slime_args("--use-lora"), model=None)
+    merged.connect([a])
+    merged.base_sent = True
+    assert merged.sends_base() and not merged.enabled
+    merged.push_adapter({}, 1)  # inert
