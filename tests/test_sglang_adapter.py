@@ -12,7 +12,9 @@ HTTP routes, `ServerArgs`' fields and the target-module choices.
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
+import pickle
 import types
 
 import pytest
@@ -63,6 +65,10 @@ def sent():
 def test_sglangs_deserializer_reads_the_payload_bit_for_bit(sent):
     received = sglang_wheel.serializer().deserialize(sent["payload"])
     assert_same(received, sent["tensors"], "deserialized payload")
+    # pickle writes a tensor's whole storage: q/k/v's B, views of the fused B, must not each
+    # carry all of it (measured before the fix: twice the adapter's bytes)
+    own = {name: t.clone() for name, t in sent["tensors"].items()}
+    assert len(base64.b64decode(sent["payload"])) <= len(pickle.dumps(own, protocol=5))
 
 
 def _deserialize_in_child(payload: str) -> str:

@@ -66,8 +66,21 @@ def scaling(config: Mapping[str, Any]) -> float:
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """`serialized_tensors` for `{PEFT key: tensor}`: base64 of a plain pickle of contiguous
     CPU tensors (bytes inline: readable by every TP rank of the engine, on any node)."""
-    plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    compact: dict[int, torch.Tensor] = {}  # by id: a tensor sent under several keys goes once
+    plain = {name: compact.setdefault(id(t), _own_storage(t)) for name, t in tensors.items()}
     return base64.b64encode(pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU in a storage of its own size: pickle writes a tensor's whole storage,
+    and a PEFT B split from a fused B is a view of all of it (q/k/v would each carry the fused
+    B)."""
+    tensor = tensor.detach().to("cpu")
+    nbytes = tensor.numel() * tensor.element_size()
+    if (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == nbytes):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def lora_load_request(config_dict: Mapping[str, Any], serialized_tensors: str,
