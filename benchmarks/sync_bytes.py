@@ -104,8 +104,10 @@ GEOMETRY_COLUMNS = [
 ]
 MEASURED_COLUMNS = [
     Column("model", "model"), Column("r", "r"),
-    Column("merged bytes (formula)", "merged_formula"), Column("merged bytes (measured)", "merged_measured"),
-    Column("adapter bytes (formula)", "adapter_formula"), Column("adapter bytes (measured)", "adapter_measured"),
+    Column("merged bytes (formula)", "merged_formula"),
+    Column("merged bytes (measured)", "merged_measured"),
+    Column("adapter bytes (formula)", "adapter_formula"),
+    Column("adapter bytes (measured)", "adapter_measured"),
     Column("payload bytes (base64)", "payload_bytes"),
     Column("adapter / merged", "ratio", "{:.2%}", bold=True),
 ]

@@ -10,8 +10,8 @@ over every next-token position of held-out sequences:
 - `KL merged` / `KL adapter`: of the engine's weights after each sync (`merged_weights` over
   the bf16 weights; the bf16 base and the bf16 adapter that `gather_peft_adapter` yields), run
   in float64 arithmetic, from the trained policy (bf16 base, fp32 adapters, float64
-  arithmetic): what the sync itself loses, with the engine's arithmetic out of the picture. `KL base only`: the adapter
-  dropped, i.e. how far the adapter moved the policy at all.
+  arithmetic): what the sync itself loses, with the engine's arithmetic out of the picture.
+  `KL base only`: the adapter dropped, i.e. how far the adapter moved the policy at all.
 - `bf16 engine vs bf16 trainer`: both run in bf16 arithmetic, the reference being the trainer's
   own forward (base GEMM plus the adapter branch, what slime computes its log-probs with in a
   bf16 run); NeMo-RL's "generation KL error". Here the adapter engine runs the trainer's very
@@ -31,7 +31,7 @@ from benchmarks.common import Column
 
 COLUMNS = [
     Column("lr", "lr", "{:g}"), Column("steps", "steps"),
-    Column("|sBA| / |W|", "delta_ratio", "{:.1e}"),
+    Column("‖sBA‖ / ‖W‖", "delta_ratio", "{:.1e}"),
     Column("KL base only", "kl_base", "{:.2e}"),
     Column("KL merged", "kl_merged", "{:.2e}"),
     Column("KL adapter", "kl_adapter", "{:.2e}"),
@@ -180,7 +180,8 @@ def measure(hidden: int, layers: int, r: int, steps: int, lr: float, base_steps:
     # and each synced engine's weights likewise (fp32 would leave KLs of 1e-9 in its noise)
     policy = evaluate(model, {}, torch.float64, False)
     synced = synced_weights(model)
-    exact = {v: kl(policy, evaluate(model, w, torch.float64, off)) for v, (w, off) in synced.items()}
+    exact = {v: kl(policy, evaluate(model, w, torch.float64, off))
+             for v, (w, off) in synced.items()}
     bf16 = {v: evaluate(model, w, torch.bfloat16, off) for v, (w, off) in synced.items()}
     # the trainer's own bf16 forward (slime's log-probs in a bf16 run): base + branch
     trainer = bf16["adapter"]

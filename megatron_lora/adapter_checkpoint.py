@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from lora_common import LoRAConfig
 from lora_common.state import require_state
 from megatron_lora.adapter_tensors import adapter_state, full_adapter_tensors

@@ -57,7 +57,8 @@ def pair_adapter_keys(tensors: Mapping[str, torch.Tensor], model) -> dict[str, s
     problems = []
     missing = [n for n in names if n not in by_suffix]
     if missing:
-        problems.append(f"no tensor for {len(missing)} adapter(s) of the model, e.g. {missing[0]!r}")
+        problems.append(f"no tensor for {len(missing)} adapter(s) of the model, "
+                        f"e.g. {missing[0]!r}")
     twice = {n: keys for n, keys in by_suffix.items() if len(keys) > 1}
     if twice:
         name, keys = next(iter(twice.items()))

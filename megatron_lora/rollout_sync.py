@@ -38,7 +38,8 @@ MODES = ("merged", "adapter")
 
 def adapter_mode(args) -> bool:
     """Whether this run syncs the adapter on its own (`--use-lora --lora-sync adapter`)."""
-    return bool(getattr(args, "use_lora", False)) and getattr(args, "lora_sync", "merged") == "adapter"
+    return (bool(getattr(args, "use_lora", False))
+            and getattr(args, "lora_sync", "merged") == "adapter")
 
 
 # ----- flags ----------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ import re
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same
-from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = ["tp2_sp", "tp1", "pp2"]
@@ -49,8 +48,12 @@ def _evidence(model, backup, out_dir):
     """This rank's yield, rank 0's gathered adapter, and (rank 0) the live and offline exports."""
     import torch.distributed as dist
 
-    from megatron_lora import (export_peft_adapter, gather_peft_adapter, iter_peft_tensors,
-                               save_lora_checkpoint)
+    from megatron_lora import (
+        export_peft_adapter,
+        gather_peft_adapter,
+        iter_peft_tensors,
+        save_lora_checkpoint,
+    )
 
     r = {"yielded": dict(iter_peft_tensors(backup, model))}
     gathered = gather_peft_adapter(backup, model, base_model_name_or_path="tiny")
@@ -74,7 +77,8 @@ def _errors(model, backup):
     def error_of(tensors):
         return outcome(ValueError, gather_peft_adapter, tensors, model)
 
-    qkv_B = next(n for n in backup if n.endswith("layers.0.self_attention.linear_qkv.lora_B.weight"))
+    qkv_B = next(n for n in backup
+                 if n.endswith("layers.0.self_attention.linear_qkv.lora_B.weight"))
     fc2_A = next(n for n in backup if n.endswith("layers.1.mlp.linear_fc2.lora_A.weight"))
     local_names = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {

@@ -57,7 +57,8 @@ def test_a_good_adapter_run_passes_and_merged_mode_needs_nothing():
 @pytest.mark.parametrize("argv, sglang_args, culprit", [
     ((), {}, "--use-lora is off"),
     (("--use-lora",), {"sglang_enable_lora": None}, "--sglang-enable-lora is off"),
-    (("--use-lora", "--lora-r", "32"), {}, "--sglang-max-lora-rank is 16, the adapter's rank is 32"),
+    (("--use-lora", "--lora-r", "32"), {},
+     "--sglang-max-lora-rank is 16, the adapter's rank is 32"),
     (("--use-lora",), {"sglang_max_lora_rank": None}, "--sglang-max-lora-rank is None"),
     (("--use-lora",), {"sglang_lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
      "--sglang-lora-target-modules .* lacks \\['down_proj', 'gate_up_proj'\\]"),

@@ -20,11 +20,10 @@ import types
 import pytest
 import torch
 
-from support import sglang_wheel
-from support import tiny_gpt
-from support.compare import assert_same
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import sglang_wheel, tiny_gpt
+from support.compare import assert_same
 
 pytestmark = pytest.mark.skipif(sglang_wheel.missing_reason() is not None,
                                 reason=str(sglang_wheel.missing_reason()))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from megatron_lora.runtime.launch import run_on_ranks
 
-
 LRS = (1e-4, 1e-3)  # an RL-sized step and a larger one
 
 

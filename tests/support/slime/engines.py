@@ -78,7 +78,8 @@ class _LoRAServing(_Generation):
 
     def load_lora_adapter_from_tensors(self, lora_name, config_dict, serialized_tensors):
         if lora_name in self.adapters:
-            raise ValueError(f"Failed to load LoRA adapter {lora_name} because it is already loaded")
+            raise ValueError(f"Failed to load LoRA adapter {lora_name} because it is already "
+                             f"loaded")
         tensors, self.decoder = _deserialize(serialized_tensors)
         self.calls.append(f"load_lora_adapter_from_tensors {lora_name}")
         self.adapters[lora_name] = (config_dict, tensors)
