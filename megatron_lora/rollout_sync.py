@@ -68,6 +68,12 @@ def check_lora_sync_args(args) -> None:
         problems.append(f"--lora-target-modules {unmapped} have no HF PEFT names "
                         f"(the adapter sync knows {', '.join(hf_mapping.TARGETS)})")
     hf_targets = hf_mapping.hf_target_modules([t for t in targets if t in hf_mapping.TARGETS])
+    experts = getattr(args, "num_experts", None)
+    if experts:
+        # The package's producer carries expert adapters (gather_peft_adapter), but slime's
+        # MoE sync path and SGLang's MoE LoRA serving are not verified with it yet.
+        problems.append(f"--num-experts {experts}: the adapter sync of MoE models through slime "
+                        f"is not wired yet (use --lora-sync merged)")
     transport = getattr(args, "update_weight_transport", None)
     if transport == "disk" or getattr(args, "update_weight_mode", "full") == "delta":
         problems.append(f"--update-weight-transport {transport} / --update-weight-mode "
