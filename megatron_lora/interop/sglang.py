@@ -19,8 +19,10 @@ No SGLang, Megatron or Ray import; where each fact is in SGLang's source: patche
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import pickle
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -68,7 +70,35 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     CPU tensors (bytes inline: readable by every TP rank of the engine, on any node)."""
     compact: dict[int, torch.Tensor] = {}  # by id: a tensor sent under several keys goes once
     plain = {name: compact.setdefault(id(t), _own_storage(t)) for name, t in tensors.items()}
-    return base64.b64encode(pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+    with _torch_storage_reduction():
+        data = pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    return base64.b64encode(data).decode()
+
+
+_REDUCTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_storage_reduction():
+    """Pickle storages as torch does, by `torch.storage._load_from_bytes`. megatron-core 0.19
+    replaces that function with its own (`megatron.core.safe_globals.safe_load_from_bytes`),
+    so a storage pickled in a trainer that imported it names a megatron class, which SGLang's
+    restricted unpickler refuses. Only the name is pickled: SGLang calls its own torch's."""
+    current = torch.storage._load_from_bytes
+    if current.__module__ == "torch.storage":
+        yield
+        return
+
+    def _load_from_bytes(b):  # what the pickle names; the receiver resolves torch's own
+        return current(b)
+
+    _load_from_bytes.__module__, _load_from_bytes.__qualname__ = "torch.storage", "_load_from_bytes"
+    with _REDUCTION_LOCK:
+        torch.storage._load_from_bytes = _load_from_bytes
+        try:
+            yield
+        finally:
+            torch.storage._load_from_bytes = current
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
