@@ -235,3 +235,28 @@ def test_adapter_dropout_on_experts_needs_etp1(request, which):
     for rank in ranks:
         assert "LoRA dropout (0.1) on expert linears needs expert_tensor_parallel_size 1, got 2" \
             in rank["dropout_at_etp2"]
+
+
+# ----- configuration (in process) ------------------------------------------------------------
+
+def test_expert_layout_is_a_config_field_a_flag_and_absent_from_old_headers():
+    import argparse
+
+    from lora_common import LoRAConfig, add_lora_arguments
+    from megatron_lora.interop.geometry import Geometry
+
+    parser = add_lora_arguments(argparse.ArgumentParser())
+    assert LoRAConfig.from_args(parser.parse_args([])).expert_layout == "per_expert"
+    args = parser.parse_args(["--lora-expert-layout", "shared_outer"])
+    assert LoRAConfig.from_args(args).expert_layout == "shared_outer"
+    with pytest.raises(ValueError, match="LoRAConfig.expert_layout must be one of"):
+        LoRAConfig(expert_layout="per_layer")
+    config = LoRAConfig(expert_layout="shared_outer", target_modules=["experts.linear_fc1"])
+    assert LoRAConfig.from_dict(config.to_dict(), require_all=True) == config
+    old_header = {k: v for k, v in LoRAConfig().to_dict().items() if k != "expert_layout"}
+    assert LoRAConfig.from_dict(old_header, require_all=True).expert_layout == "per_expert"
+    old_geometry = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        kv_channels=16, ffn_hidden_size=96, gated_linear_unit=True)
+    assert Geometry.from_dict(old_geometry).num_moe_experts is None
+    with pytest.raises(ValueError, match="num_moe_experts .* and moe_ffn_hidden_size .* go together"):
+        Geometry(**old_geometry, num_moe_experts=4)

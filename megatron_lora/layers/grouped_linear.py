@@ -115,9 +115,6 @@ class LoRAGroupedLinear(LoRAParallelLinear):
             groups.append(self.lora_ep_group)  # one matrix for the experts of every EP rank
         return groups
 
-    def configure_expert(self, place) -> None:
-        raise TypeError(f"{type(self).__name__} holds its experts itself")
-
     def _matrix_names(self, matrix: str, i: int) -> str:
         shared = isinstance(getattr(self, matrix), LoRAFactor)
         return f"{matrix}.weight" if shared else f"{matrix}.weight{i}"

@@ -174,8 +174,10 @@ class LoRAParallelLinear(LoRAState):
     def lora_delta(self) -> torch.Tensor:
         """`scaling * B @ A` for this rank's shard of the weight, in fp32. The sharding rule
         makes it local: column ranks hold B's rows of their output slice and all of A; row
-        ranks hold all of B and A's columns of their input slice."""
-        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.lora_scaling)
+        ranks hold all of B and A's columns of their input slice. (A grouped linear: its first
+        expert's.)"""
+        pair = self.lora_pairs()[0]
+        return lora_delta(pair.A, pair.B, self.lora_scaling)
 
     def merged_weight(self, pair: AdapterPair | None = None) -> torch.Tensor:
         """This rank's shard of `W + scaling * B @ A` for one of `lora_pairs()` (default: the
