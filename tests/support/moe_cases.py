@@ -105,18 +105,19 @@ def _routed(counts: dict) -> dict:
     return merged
 
 
-def train_runs(runs: list[tuple[str, str]], te: bool):
+def train_runs(runs: list[tuple[str, str]], te: bool, shared_ffn: int | None = None):
     """For each (layout, expert layout): 3 Adam steps through Megatron's DDP and
-    finalize_model_grads; the losses (data-parallel mean), the final adapters by checkpoint
-    name and the tokens each global expert received. Then, at ETP = 2, the refusal of adapter
-    dropout."""
+    finalize_model_grads (with shared experts of ffn `shared_ffn`, if given); the losses
+    (data-parallel mean), the final adapters by checkpoint name and the tokens each global
+    expert received. Then, at ETP = 2, the refusal of adapter dropout."""
     from megatron_lora import mark_only_lora_as_trainable
 
     out = {}
     for name, expert_layout in runs:
         config = LoRAConfig(r=CONFIG.r, alpha=CONFIG.alpha, expert_layout=expert_layout)
         sp = use_layout(name)
-        model = lora_moe(config, te, sp)
+        shared = {"moe_shared_expert_intermediate_size": shared_ffn} if shared_ffn else {}
+        model = lora_moe(config, te, sp, **shared)
         mark_only_lora_as_trainable(model)
         set_nonzero_B(model)
         counts = tiny_moe.record_routing(model)
@@ -133,12 +134,15 @@ def train_runs(runs: list[tuple[str, str]], te: bool):
 
 # ----- one rank, on the TE emulation: every expert implementation ---------------------------
 
-# name -> (TE spec, grouped GEMM, expert layout): the expert implementations LoRA adapts.
+# name -> (TE spec, grouped GEMM, expert layout, shared experts' ffn or None): the expert
+# implementations LoRA adapts.
+SHARED_FFN = 48
 IMPLEMENTATIONS = {
-    "SequentialMLP": (False, False, "per_expert"),
-    "SequentialMLP (TE linears)": (True, False, "per_expert"),
-    "TEGroupedMLP": (True, True, "per_expert"),
-    "TEGroupedMLP shared_outer": (True, True, "shared_outer"),
+    "SequentialMLP": (False, False, "per_expert", None),
+    "SequentialMLP (TE linears)": (True, False, "per_expert", None),
+    "TEGroupedMLP": (True, True, "per_expert", None),
+    "TEGroupedMLP shared_outer": (True, True, "shared_outer", None),
+    "SequentialMLP + shared experts": (False, False, "per_expert", SHARED_FFN),
 }
 
 
@@ -162,10 +166,11 @@ def implementation_cases():
 
     use_layout("EP1")
     out = {}
-    for name, (te, grouped, layout) in IMPLEMENTATIONS.items():
+    for name, (te, grouped, layout, shared_ffn) in IMPLEMENTATIONS.items():
         config = LoRAConfig(r=CONFIG.r, alpha=CONFIG.alpha, expert_layout=layout)
-        base = _plain_moe(te, grouped)
-        model = lora_moe(config, te, grouped=grouped)
+        shared = {"moe_shared_expert_intermediate_size": shared_ffn} if shared_ffn else {}
+        base = _plain_moe(te, grouped, **shared)
+        model = lora_moe(config, te, grouped=grouped, **shared)
         mark_only_lora_as_trainable(model)
         r = {"experts_class": type(model.decoder.layers[0].mlp.experts).__name__,
              "base": tiny_gpt.logits(base), "b0": tiny_gpt.logits(model),
