@@ -21,7 +21,7 @@ test: venv
 test-compat: venv-compat
 	.venv-compat/bin/python -m pytest $(PYTEST_ARGS)
 
-## make bench: CPU benchmarks (not part of make test); writes benchmarks/RESULTS.md and results.png
+## make bench: CPU benchmarks (not part of make test); writes benchmarks/results.json, RESULTS.md, results.png
 bench: venv
 	.venv/bin/python -m benchmarks.run_all $(BENCH_ARGS)
 

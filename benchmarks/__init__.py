@@ -1,11 +1,12 @@
 """Benchmarks of megatron-lora (not tests: nothing here asserts a speed).
 
-    python -m benchmarks.run_all            # everything, writes benchmarks/RESULTS.md + chart
-    python -m benchmarks.run_all --quick    # smoke run in a few minutes
+    python -m benchmarks.run_all            # everything: results.json, RESULTS.md, results.png
+    python -m benchmarks.run_all --quick    # smoke run, written to out/bench-quick/
     python -m benchmarks.step_time --help   # one benchmark on its own
 
-Each benchmark prints a table: the median of several runs and the ratios side by side,
-under a line describing the machine.
+One script per measurement (step_time, comm_bytes, peak_memory, merged_stream, profile_lora,
+fsdp_vs_peft), each printing its table under a line describing the machine; what they share is
+in common.py, the model they time in decoder_stack.py, its FLOP model in theory.py.
 """
 
 import warnings

@@ -12,13 +12,14 @@ constant to every variant and hide the per-layer ratios the theory predicts. RoP
 too (elementwise, the same in every variant). The input requires grad in every variant, so the
 backward graphs differ only in the weight grads.
 
-No CPU shim is needed here: the caller sets up Megatron (on CPU, `megatron_lora.cpu.enable()`).
+No CPU shim is needed here: the caller sets up Megatron (benchmarks.common.run_layout; on CPU
+that enables megatron_lora.runtime.cpu).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -129,7 +130,7 @@ def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter]) -> None:
         return
     flat = _flatten_dense_tensors(grads)
     torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=False):
         grad.copy_(reduced)
 
 

@@ -16,8 +16,8 @@ step: forward + backward + AdamW on the LoRA parameters.
   follows tensor frees rather than glibc's heap-reuse heuristics. With --device cuda, CUDA's
   peak allocation is added.
 
-    python benchmarks/fsdp_vs_peft.py            # a few minutes on 2 CPU cores
-    python benchmarks/fsdp_vs_peft.py --quick    # smoke run, seconds
+    python -m benchmarks.fsdp_vs_peft            # a few minutes on 2 CPU cores
+    python -m benchmarks.fsdp_vs_peft --quick    # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -26,27 +26,28 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
-
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common
+from benchmarks.common import Column
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COLUMNS = [
+    Column("", "measure"), Column("fsdp_lora", "fsdp_lora", "{:.1f}"),
+    Column("peft", "peft", "{:.1f}"), Column("ratio", "ratio", "{:.3f}", bold=True),
+]
+TABLES = {"rows": COLUMNS}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps")
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--hidden", type=int, default=512)
@@ -84,12 +85,12 @@ def add_lora(kind: str, base, args):
         from fsdp_lora import LoRAConfig, apply_lora_to_fsdp_model, get_lora_parameters
 
         model = apply_lora_to_fsdp_model(base, LoRAConfig(r=args.r, alpha=2 * args.r,
-                                                          target_modules=TARGETS))
+                                                          target_modules=LORA_TARGETS))
         return model, list(get_lora_parameters(model).values())
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(base, LoraConfig(r=args.r, lora_alpha=2 * args.r,
-                                            target_modules=TARGETS))
+                                            target_modules=LORA_TARGETS))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -112,30 +113,16 @@ class Trainer:
         return loss
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_steps(args) -> dict[str, list[float]]:
+def time_steps(args) -> dict[str, common.Samples]:
+    """Each step timed on its own (wall and process CPU time), a block of `steps` per turn."""
     base = build_base(args)
     trainers = {kind: Trainer(kind, copy.deepcopy(base), args) for kind in ("fsdp_lora", "peft")}
     del base
-    for trainer in trainers.values():   # warm-up: allocator, AdamW state, lazy inits
-        trainer.step()
-    times = {kind: {"wall": [], "cpu": []} for kind in trainers}
-    order = list(trainers)
-    for _ in range(args.rounds):
-        for kind in order:
-            for _ in range(args.steps):
-                sync(args.device)
-                wall, cpu = time.perf_counter(), time.process_time()
-                trainers[kind].step()
-                sync(args.device)
-                times[kind]["wall"].append(time.perf_counter() - wall)
-                times[kind]["cpu"].append(time.process_time() - cpu)
-        order.reverse()
-    return times
+    return common.time_in_turns({kind: t.step for kind, t in trainers.items()},
+                                rounds=args.rounds, steps_per_round=args.steps,
+                                warmup=1,  # allocator, AdamW state, lazy inits
+                                sync=common.synchronizer(args.device), each_step=True,
+                                cpu_time=True)
 
 
 def rss_bytes() -> int:
@@ -163,7 +150,8 @@ class TensorMemory(TorchDispatchMode):
             storage = tensor.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
             if nbytes and key not in self._storages:
-                self._storages[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
+                self._storages[key] = weakref.ref(
+                    storage, lambda _, k=key, n=nbytes: self._freed(k, n))
                 self.live += nbytes
                 self.allocated += nbytes
                 self.peak = max(self.peak, self.live)
@@ -207,19 +195,12 @@ def memory_worker(args) -> dict:
     return result
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import peft
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, peft {peft.__version__}")
+def memory_in_fresh_process(argv: list[str], kind: str) -> dict:
+    """memory_worker's result for `kind`, run alone so the other model's tensors are not there."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.fsdp_vs_peft", *argv,
+                          "--worker", kind], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -229,27 +210,26 @@ def main(argv=None):
         print(json.dumps(memory_worker(args)))
         return
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    print(f"machine: {machine()}")
-    print(f"model: Llama hidden {args.hidden}, ffn {args.intermediate}, {args.layers} layers, "
-          f"{args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}; batch {args.batch} x "
-          f"seq {args.seq}, fp32 on {args.device}; LoRA r={args.r} on {', '.join(TARGETS)}")
+    machine = common.describe_machine(args.device, libraries=("transformers", "peft"))
+    setup = (f"Llama hidden {args.hidden}, ffn {args.intermediate}, {args.layers} layers, "
+             f"{args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}; batch {args.batch} x "
+             f"seq {args.seq}, fp32 on {args.device}; LoRA r={args.r} on "
+             f"{', '.join(LORA_TARGETS)}; {args.rounds * args.steps} timed steps each, in "
+             f"{args.rounds} alternating turns")
+    print(f"machine: {machine}\nmodel: {setup}")
     times = time_steps(args)
-    memory = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for kind in ("fsdp_lora", "peft"):
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", kind],
-                             capture_output=True, text=True, check=True, env=env)
-        memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = [("median step, wall (ms)", {k: 1e3 * statistics.median(v["wall"]) for k, v in times.items()}),
-            ("min step, wall (ms)", {k: 1e3 * min(v["wall"]) for k, v in times.items()}),
-            ("median step, CPU time (ms)", {k: 1e3 * statistics.median(v["cpu"]) for k, v in times.items()})]
+    memory = {kind: memory_in_fresh_process(passthrough, kind) for kind in ("fsdp_lora", "peft")}
+    values = {"median step, wall (ms)": {k: 1e3 * common.median(v.wall) for k, v in times.items()},
+              "min step, wall (ms)": {k: 1e3 * min(v.wall) for k, v in times.items()},
+              "median step, CPU time (ms)": {k: 1e3 * common.median(v.cpu)
+                                             for k, v in times.items()}}
     for key in memory["fsdp_lora"]:
-        rows.append((f"{key.replace('_', ' ')} (MiB)", {k: memory[k][key] / 2**20 for k in memory}))
-    print(f"{len(times['peft']['wall'])} timed steps each, in {args.rounds} alternating turns")
-    print(f"{'':30}{'fsdp_lora':>11}{'peft':>11}{'ratio':>8}")
-    for label, value in rows:
-        ratio = value["fsdp_lora"] / value["peft"] if value["peft"] else float("nan")
-        print(f"{label:30}{value['fsdp_lora']:11.1f}{value['peft']:11.1f}{ratio:8.3f}")
+        values[f"{key.replace('_', ' ')} (MiB)"] = {k: memory[k][key] / 2**20 for k in memory}
+    rows = [{"measure": label, **value,
+             "ratio": value["fsdp_lora"] / value["peft"] if value["peft"] else float("nan")}
+            for label, value in values.items()]
+    common.print_table(COLUMNS, rows)
+    common.write_json(args.json, {"machine": machine, "setup": setup, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step time (and peak memory) of LoRA vs full fine-tuning vs frozen base on one CUDA GPU, bf16,
 # hidden 4096, local Megatron layers (no Transformer Engine): the GPU counterpart of the CPU
-# benchmarks. Status: ready, not yet run.
+# benchmarks.
 #
 # How to run it on a lent H200 (the device tool; its image has Python 3.12 and torch 2.11 with
 # CUDA, but no megatron-core and no network, so the wheel travels in the git-ignored wheels/):
@@ -14,10 +14,7 @@
 #     carry:     ["wheels"]
 #     timeout_s: 480
 #
-# What comes back under $OUT: gpu_step_time.{txt,json}, gpu_peak_memory.{txt,json},
-# gpu_moe_step.{txt,json}, gpu.txt. The MoE block has not been run on a GPU yet (no device was
-# lent to the task that added it): without TE on the image its TEGroupedMLP runs on the test
-# emulation of TE's GroupedLinear, whose adapters then take torch._grouped_mm on CUDA.
+# What comes back under $OUT: gpu_step_time.{txt,json}, gpu_peak_memory.{txt,json}, gpu.txt.
 # megatron-core 0.19.2 needs only torch, numpy and packaging (all on that image); this path
 # imports no apex and no TE. megatron_lora.runtime.cpu is never switched on: it is a no-op with CUDA.
 set -euo pipefail
@@ -49,8 +46,3 @@ timeout 300 "$PY" -m benchmarks.step_time --device cuda --dtype bf16 --hidden 40
 
 timeout 150 "$PY" -m benchmarks.peak_memory --device cuda --hidden 4096 --r 16 --layers 4 \
     --seq 2048 --batch 2 --dtype bf16 --json "$OUT/gpu_peak_memory.json" | tee "$OUT/gpu_peak_memory.txt"
-
-# MoE block: 8 experts top-2, hidden 2048, moe ffn 1024, 4096 tokens; LoRA vs frozen vs full,
-# SequentialMLP and TEGroupedMLP, per-expert and shared-outer adapters. Untested on a GPU.
-timeout 300 "$PY" -m benchmarks.moe_step --device cuda --dtype bf16 --hidden 2048 --moe-ffn 1024 \
-    --seq 2048 --batch 2 --rounds 7 --json "$OUT/gpu_moe_step.json" | tee "$OUT/gpu_moe_step.txt"

@@ -15,25 +15,25 @@ the order rotating every round; the table gives median step times and their rati
 model's next to them, and the adapter's share of the block's parameters.
 
     python -m benchmarks.moe_step             # hidden 512, moe ffn 1024, 8 experts, top-2, r 16
-    python -m benchmarks.moe_step --quick     # smoke run
+    python -m benchmarks.moe_step --quick     # smoke run (hidden 128, moe ffn 256, seq 64)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
+from benchmarks.common import DTYPES, Column
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("per_expert", "shared_outer")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--moe-ffn", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
@@ -45,9 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="turns each variant takes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--json", default=str(ROOT / "out" / "bench" / "moe_step.json"),
-                        help="where the result goes")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.moe_ffn, args.seq, args.rounds = 128, 256, 64, 3
@@ -138,16 +135,16 @@ def flops(args) -> dict[str, float]:
 # ----- the measurement (in one spawned rank) ----------------------------------------------
 
 def measure(args) -> dict:
-    from benchmarks.timing import median, spread, time_in_turns
-
     variants = {"frozen": ("frozen", None), "full": ("full", None)}
     for layout in (LAYOUTS if args.grouped else LAYOUTS[:1]):
         variants[f"lora {layout}"] = ("lora", layout)
     blocks = {name: build_block(args, kind, layout or "per_expert")
               for name, (kind, layout) in variants.items()}
     steps = {name: training_step(block, args) for name, block in blocks.items()}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    seconds = time_in_turns(steps, rounds=args.rounds, warmup=2, sync=sync)
+    samples = common.time_in_turns(steps, rounds=args.rounds, warmup=2,
+                                   sync=common.synchronizer(args.device))
+    seconds = {name: s.wall for name, s in samples.items()}
+    median, spread = common.median, common.spread
     total = sum(p.numel() for p in blocks["frozen"].parameters())
     experts = sum(p.numel() for n, p in blocks["frozen"].named_parameters() if ".experts." in n)
     theory = flops(args)
@@ -192,21 +189,21 @@ def _real_te() -> bool:
     return True
 
 
-COLUMNS = [  # (key, header, format)
-    ("experts", "experts", "{:>14}"), ("layout", "layout", "{:>13}"), ("r", "r", "{:>4}"),
-    ("frozen_ms", "frozen ms", "{:>10.1f}"), ("full_ms", "full ms", "{:>9.1f}"),
-    ("lora_ms", "LoRA ms", "{:>9.1f}"), ("lora/full", "LoRA/full", "{:>10.3f}"),
-    ("theory lora/full", "theory", "{:>7.3f}"), ("lora/frozen", "LoRA/frozen", "{:>12.3f}"),
-    ("theory lora/frozen", "theory", "{:>7.3f}"), ("adapter share", "adapter share", "{:>14.2%}"),
-    ("spread", "spread", "{:>7.0%}"), ("min lora/full", "min: LoRA/full", "{:>15.3f}"),
-    ("min lora/frozen", "LoRA/frozen", "{:>12.3f}"),
+COLUMNS = [
+    Column("experts", "experts"), Column("layout", "layout"), Column("r", "r"),
+    Column("frozen ms", "frozen_ms", "{:.1f}"), Column("full ms", "full_ms", "{:.1f}"),
+    Column("LoRA ms", "lora_ms", "{:.1f}"),
+    Column("LoRA/full", "lora/full", "{:.3f}", bold=True),
+    Column("theory", "theory lora/full", "{:.3f}"),
+    Column("LoRA/frozen", "lora/frozen", "{:.3f}", bold=True),
+    Column("theory", "theory lora/frozen", "{:.3f}"),
+    Column("adapter share", "adapter share", "{:.2%}"),
+    Column("adapter/expert params", "adapter/expert params", "{:.2%}"),
+    Column("spread", "spread", "{:.0%}"),
+    Column("min: LoRA/full", "min lora/full", "{:.3f}"),
+    Column("min: LoRA/frozen", "min lora/frozen", "{:.3f}"),
 ]
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["".join(title.rjust(len(fmt.format(rows[0][key]))) for key, title, fmt in COLUMNS)]
-    lines += ["".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) for row in rows]
-    return "\n".join(lines)
+TABLES = {"rows": COLUMNS}
 
 
 def model_line(args) -> str:
@@ -217,13 +214,13 @@ def model_line(args) -> str:
 
 
 def main(argv=None):
-    from benchmarks import machine
-
     args = parse_args(argv)
-    print(f"machine: {machine.describe(args.device)}")
-    print(f"model: {model_line(args)}; median of {args.rounds} turns; spread = (max - min) / "
-          f"median of the noisiest variant; min: the ratios of the fastest turns; adapter "
-          f"share = LoRA parameters / all parameters of the block", flush=True)
+    machine = common.describe_machine(args.device)
+    command = " ".join(["python -m benchmarks.moe_step", *(argv or sys.argv[1:])])
+    print(f"machine: {machine}\nmodel: {model_line(args)}; median of {args.rounds} turns; "
+          f"spread = (max - min) / median of the noisiest variant; min: the ratios of the "
+          f"fastest turns; adapter share = LoRA parameters / all parameters of the block",
+          flush=True)
     rows, counts = [], {}
     for grouped in (False, True):
         args.grouped = grouped
@@ -231,15 +228,14 @@ def main(argv=None):
         rows += result["rows"]
         counts = {k: result[k] for k in ("parameters", "expert_parameters")}
     te = "Transformer Engine" if _real_te() else "the CPU emulation of TE's GroupedLinear"
-    print(table(rows))
-    print(f"TEGroupedMLP ran on {te}; the block has {counts['parameters']:,} parameters, "
-          f"{counts['expert_parameters']:,} of them in experts")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine.describe(args.device), "model": model_line(args),
-                               "grouped_linear": te, "rounds": args.rounds, **counts,
-                               "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    setup = (f"{model_line(args)}; median of {args.rounds} turns; TEGroupedMLP on {te}; "
+             f"the block has {counts['parameters']:,} parameters, "
+             f"{counts['expert_parameters']:,} of them in experts")
+    common.print_table(COLUMNS, rows)
+    print(setup)
+    common.write_json(args.json, {"machine": machine, "setup": setup, "command": command,
+                                  "quick": args.quick, "grouped_linear": te,
+                                  "rounds": args.rounds, **counts, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,14 +24,38 @@ import tempfile
 
 import torch
 
-from benchmarks import machine
+from benchmarks import common
+from benchmarks.common import Column
 from benchmarks.decoder_stack import Geometry, build_block, trainable_parameters, training_step
 
 VARIANTS = ("full", "lora", "frozen")
+MIB = 1 / 2**20
+
+
+def growth_mib(row: dict, variant: str) -> float:
+    """What training adds to the process: peak RSS over the RSS once the model is built."""
+    return (row[f"{variant}_peak_rss"] - row[f"{variant}_rss_built"]) * MIB
+
+
+COLUMNS = [
+    Column("hidden", "hidden"), Column("r", "r"),
+    Column("params MiB", lambda row: row["param_bytes"] * MIB, "{:.1f}"),
+    Column("peak RSS full", lambda row: row["full_peak_rss"] * MIB, "{:.0f}"),
+    Column("LoRA", lambda row: row["lora_peak_rss"] * MIB, "{:.0f}"),
+    Column("frozen", lambda row: row["frozen_peak_rss"] * MIB, "{:.0f}"),
+    Column("LoRA/full", "peak_rss lora/full", "{:.3f}"),
+    Column("RSS growth full", lambda row: growth_mib(row, "full"), "{:.1f}"),
+    Column("LoRA", lambda row: growth_mib(row, "lora"), "{:.1f}"),
+    Column("LoRA/full", "rss growth lora/full", "{:.3f}"),
+    Column("torch peak full", lambda row: row["full_allocator_peak"] * MIB, "{:.1f}"),
+    Column("LoRA", lambda row: row["lora_allocator_peak"] * MIB, "{:.1f}"),
+    Column("LoRA/full", "allocator lora/full", "{:.3f}", bold=True),
+]
+TABLES = {"rows": COLUMNS}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--layers", type=int, default=2)
@@ -39,9 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="fp32")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("rss", "allocator"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -77,13 +99,11 @@ def profiled_peak_bytes(run_steps) -> int:
 
 def worker(args) -> dict:
     """One variant, in this (fresh) process."""
-    from benchmarks.megatron_setup import single_rank
-
     geometry = Geometry(hidden=args.hidden[0], layers=args.layers, seq=args.seq, batch=args.batch)
     cuda = args.device.startswith("cuda")
-    with single_rank(args.device):
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        block = build_block(geometry, args.worker, r=args.r, device=args.device, dtype=dtype)
+    with common.single_rank(args.device):
+        block = build_block(geometry, args.worker, r=args.r, device=args.device,
+                            dtype=common.DTYPES[args.dtype])
         step = training_step(block, geometry)
         rss_built = proc_status_kib("VmRSS") * 1024
 
@@ -121,7 +141,8 @@ def spawn(args, variant: str, hidden: int) -> dict:
 
 
 def spawn_one(args, variant: str, hidden: int, measure: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--worker", variant, "--measure", measure,
+    cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--worker", variant,
+           "--measure", measure,
            "--hidden", str(hidden), "--r", str(args.r), "--layers", str(args.layers),
            "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
            "--device", args.device, "--dtype", args.dtype]
@@ -129,41 +150,21 @@ def spawn_one(args, variant: str, hidden: int, measure: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(args) -> dict:
-    rows = []
-    for hidden in args.hidden:
-        result = {v: spawn(args, v, hidden) for v in VARIANTS}
-        full, lora = result["full"], result["lora"]
-        rows.append({
-            "hidden": hidden, "r": args.r, **{f"{v}_{k}": result[v][k] for v in VARIANTS
-                                              for k in ("peak_rss", "rss_built",
-                                                        "allocator_peak", "trainable")},
-            "param_bytes": full["param_bytes"],
-            "peak_rss lora/full": ratio(lora["peak_rss"], full["peak_rss"]),
-            "rss growth lora/full": ratio(lora["peak_rss"] - lora["rss_built"],
-                                          full["peak_rss"] - full["rss_built"]),
-            "allocator lora/full": ratio(lora["allocator_peak"], full["allocator_peak"]),
-        })
-        print_rows(rows[-1:], header=len(rows) == 1)
-    return {"machine": machine.describe(args.device), "steps": args.steps,
-            "tokens": args.seq * args.batch, "allocator": result["full"]["allocator"],
-            "rows": rows}
-
-
-def print_rows(rows, header: bool) -> None:
-    mb = 1 / 2**20
-    if header:
-        print(f"{'hidden':>7}{'params MiB':>11} | {'peak RSS MiB: full':>19}{'LoRA':>8}"
-              f"{'frozen':>8}{'LoRA/full':>10} | {'RSS growth: full':>17}{'LoRA':>8}{'LoRA/full':>10}"
-              f" | {'torch peak: full':>17}{'LoRA':>8}{'LoRA/full':>10}")
-    for row in rows:
-        growth = {v: (row[f"{v}_peak_rss"] - row[f"{v}_rss_built"]) * mb for v in ("full", "lora")}
-        print(f"{row['hidden']:>7}{row['param_bytes'] * mb:11.1f} | "
-              f"{row['full_peak_rss'] * mb:19.0f}{row['lora_peak_rss'] * mb:8.0f}"
-              f"{row['frozen_peak_rss'] * mb:8.0f}{row['peak_rss lora/full']:10.3f} | "
-              f"{growth['full']:17.1f}{growth['lora']:8.1f}{row['rss growth lora/full']:10.3f} | "
-              f"{row['full_allocator_peak'] * mb:17.1f}{row['lora_allocator_peak'] * mb:8.1f}"
-              f"{row['allocator lora/full']:10.3f}", flush=True)
+def measure(args, hidden: int) -> tuple[dict, str]:
+    """The row of one hidden size, and how the allocator peak was read."""
+    result = {v: spawn(args, v, hidden) for v in VARIANTS}
+    full, lora = result["full"], result["lora"]
+    row = {
+        "hidden": hidden, "r": args.r, **{f"{v}_{k}": result[v][k] for v in VARIANTS
+                                          for k in ("peak_rss", "rss_built",
+                                                    "allocator_peak", "trainable")},
+        "param_bytes": full["param_bytes"],
+        "peak_rss lora/full": ratio(lora["peak_rss"], full["peak_rss"]),
+        "rss growth lora/full": ratio(lora["peak_rss"] - lora["rss_built"],
+                                      full["peak_rss"] - full["rss_built"]),
+        "allocator lora/full": ratio(lora["allocator_peak"], full["allocator_peak"]),
+    }
+    return row, full["allocator"]
 
 
 def main(argv=None):
@@ -171,13 +172,18 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    print(f"machine: {machine.describe(args.device)}")
-    print(f"{args.layers} layers, seq {args.seq} x batch {args.batch}, r {args.r}, {args.dtype}, Adam, "
-          f"{args.steps} steps per fresh process")
-    result = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    machine = common.describe_machine(args.device)
+    setup = (f"{args.layers} layers, seq {args.seq} x batch {args.batch}, r {args.r}, "
+             f"{args.dtype}, Adam, {args.steps} steps per fresh process")
+    print(f"machine: {machine}\n{setup}; memory in MiB")
+    table, rows = common.TablePrinter(COLUMNS), []
+    for hidden in args.hidden:
+        row, allocator = measure(args, hidden)
+        table.print([row])
+        rows.append(row)
+    common.write_json(args.json, {"machine": machine, "setup": setup, "steps": args.steps,
+                                  "tokens": args.seq * args.batch, "allocator": allocator,
+                                  "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,45 +10,48 @@ Two views, both against the frozen base on the same weights:
    GEMMs, LoRA GEMMs (an operand dimension equals r), attention, elementwise, copies, Adam,
    and the count of autograd nodes.
 
-    python -m benchmarks.profile_lora [--hidden 1024 --r 16 --threads 1]
+    python -m benchmarks.profile_lora [--quick] [--hidden 1024 --r 16 --threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import time
 
 import torch
 
-from benchmarks import machine
+from benchmarks import common
+from benchmarks.common import Column
 from benchmarks.decoder_stack import Geometry, build_block, training_step
-from benchmarks.megatron_setup import single_rank
 from benchmarks.theory import lora_linear_flops
+
+PER_LINEAR = [
+    Column("linear", "linear"), Column("frozen ms", "frozen_ms", "{:.2f}"),
+    Column("LoRA ms", "lora_ms", "{:.2f}"),
+    Column("LoRA/frozen", "lora/frozen", "{:.3f}", bold=True),
+    Column("FLOP ratio", "flop lora/frozen", "{:.3f}"),
+]
+PER_OP = [
+    Column("category", "category"), Column("frozen", "frozen", "{:.1f}"),
+    Column("LoRA", "lora", "{:.1f}"), Column("LoRA-frozen", "lora-frozen", "{:.1f}"),
+    Column("% of frozen", "share of frozen", "{:.1%}"),  # None for the node count
+]
+TABLES = {"per_linear": PER_LINEAR, "per_op": PER_OP}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profile-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    return parser.parse_args(argv)
-
-
-def min_times(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    # One thread, so that per-op times are not split across cores.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.repeats, args.profile_steps = 256, 5, 2
+    return args
 
 
 def linear_step(module, x: torch.Tensor, dy: torch.Tensor):
@@ -63,8 +66,8 @@ def linear_step(module, x: torch.Tensor, dy: torch.Tensor):
     return step
 
 
-def per_linear(geometry: Geometry, r: int, repeats: int) -> list[tuple]:
-    """(name, frozen ms, lora ms, measured ratio, FLOP ratio) per target linear of a layer."""
+def per_linear(geometry: Geometry, r: int, repeats: int) -> list[dict]:
+    """Frozen and LoRA ms, their ratio and the FLOP ratio, per target linear of a layer."""
     lora = build_block(geometry, "lora", r=r).layers[0]
     frozen = build_block(geometry, "frozen").layers[0]
     rows = []
@@ -75,12 +78,15 @@ def per_linear(geometry: Geometry, r: int, repeats: int) -> list[tuple]:
         shape = (geometry.seq, geometry.batch)
         x = torch.randn(*shape, in_features, requires_grad=True)
         dy = torch.randn(*shape, out_features)
-        best = min_times({"frozen": linear_step(base_linear, x, dy),
-                          "lora": linear_step(lora_linear, x, dy)}, repeats)
+        samples = common.time_in_turns({"frozen": linear_step(base_linear, x, dy),
+                                        "lora": linear_step(lora_linear, x, dy)},
+                                       rounds=repeats, rotate=False)
+        best = {variant: min(t.wall) for variant, t in samples.items()}
         base_flops = 4 * geometry.tokens * in_features * out_features  # forward + input grad
         extra = lora_linear_flops(geometry.tokens, in_features, out_features, r)
-        rows.append((name.split(".")[-1], best["frozen"] * 1e3, best["lora"] * 1e3,
-                     best["lora"] / best["frozen"], 1 + extra / base_flops))
+        rows.append({"linear": name.split(".")[-1], "frozen_ms": best["frozen"] * 1e3,
+                     "lora_ms": best["lora"] * 1e3, "lora/frozen": best["lora"] / best["frozen"],
+                     "flop lora/frozen": 1 + extra / base_flops})
     return rows
 
 
@@ -125,28 +131,36 @@ def per_op(geometry: Geometry, r: int, steps: int) -> dict[str, dict[str, float]
     return best
 
 
+def per_op_rows(best: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per category: frozen and LoRA ms, the difference, its share of the frozen step."""
+    frozen_total = sum(v for k, v in best["frozen"].items() if "count" not in k)
+    rows = []
+    for key in sorted(set(best["frozen"]) | set(best["lora"])):
+        a, b = best["frozen"].get(key, 0.0), best["lora"].get(key, 0.0)
+        rows.append({"category": key, "frozen": a, "lora": b, "lora-frozen": b - a,
+                     "share of frozen": None if "count" in key else (b - a) / frozen_total})
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     geometry = Geometry(hidden=args.hidden, seq=args.seq, batch=args.batch)
-    with single_rank():
-        print(f"machine: {machine.describe()}")
-        print(f"model: {geometry.describe()}, LoRA r {args.r}, fp32\n")
-        print("1. One linear, forward + backward, min of "
-              f"{args.repeats} interleaved repeats (ms)")
-        print(f"{'linear':14}{'frozen':>10}{'LoRA':>10}{'ratio':>9}{'FLOP ratio':>12}")
-        for name, frozen_ms, lora_ms, ratio, theory in per_linear(geometry, args.r, args.repeats):
-            print(f"{name:14}{frozen_ms:10.2f}{lora_ms:10.2f}{ratio:9.3f}{theory:12.3f}")
+    with common.single_rank():
+        machine = common.describe_machine()
+        setup = f"{geometry.describe()}, LoRA r {args.r}, fp32"
+        print(f"machine: {machine}\nmodel: {setup}\n")
+        print(f"1. One linear, forward + backward, min of {args.repeats} interleaved repeats (ms)")
+        linears = per_linear(geometry, args.r, args.repeats)
+        common.print_table(PER_LINEAR, linears)
         print(f"\n2. Decoder block step, self CPU ms per category, minimum over "
               f"{args.profile_steps} profiled steps per variant")
-        ops = per_op(geometry, args.r, args.profile_steps)
-        frozen_total = sum(v for k, v in ops["frozen"].items() if "count" not in k)
-        print(f"{'category':28}{'frozen':>10}{'LoRA':>10}{'LoRA-frozen':>13}{'% of frozen':>13}")
-        for key in sorted(set(ops["frozen"]) | set(ops["lora"])):
-            a, b = ops["frozen"].get(key, 0.0), ops["lora"].get(key, 0.0)
-            share = "" if "count" in key else f"{100 * (b - a) / frozen_total:12.1f}%"
-            print(f"{key:28}{a:10.1f}{b:10.1f}{b - a:13.1f}{share:>13}")
+        ops = per_op_rows(per_op(geometry, args.r, args.profile_steps))
+        common.print_table(PER_OP, ops)
+    common.write_json(args.json, {"machine": machine, "setup": setup, "repeats": args.repeats,
+                                  "profile_steps": args.profile_steps, "per_linear": linears,
+                                  "per_op": ops})
 
 
 if __name__ == "__main__":

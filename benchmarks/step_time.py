@@ -8,27 +8,34 @@ All variants of one layout live in one process (or one pair of TP ranks) and tak
 order rotating every round; the table gives the median per-step time over the rounds and the
 ratios next to the FLOP model's (benchmarks/theory.py).
 
-    python -m benchmarks.step_time                       # hidden 256/512/1024, r 8/16/64, TP 1, 2, 2+SP
-    python -m benchmarks.step_time --quick               # smoke run
-    python -m benchmarks.step_time --device cuda --dtype bf16 --hidden 4096 --layouts 1   # GPU
+    python -m benchmarks.step_time          # hidden 256/512/1024, r 8/16/64, TP 1, 2, 2+SP
+    python -m benchmarks.step_time --quick  # smoke run
+    python -m benchmarks.step_time --device cuda --dtype bf16 --hidden 4096 --layouts 1  # GPU
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-
-import torch
-
-from benchmarks import layouts, machine, theory
+from benchmarks import common, theory
+from benchmarks.common import Column
 from benchmarks.decoder_stack import Geometry, build_block, training_step
-from benchmarks.timing import median, spread, time_in_turns
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COLUMNS = [
+    Column("layout", "layout"), Column("hidden", "hidden"), Column("r", "r"),
+    Column("frozen ms", "frozen_ms", "{:.1f}"), Column("full ms", "full_ms", "{:.1f}"),
+    Column("LoRA ms", "lora_ms", "{:.1f}"),
+    Column("LoRA/full", "lora/full", "{:.3f}", bold=True),
+    Column("theory", "theory lora/full", "{:.3f}"),
+    Column("LoRA/frozen", "lora/frozen", "{:.3f}", bold=True),
+    Column("theory", "theory lora/frozen", "{:.3f}"),
+    Column("spread", "spread", "{:.0%}"),
+    Column("min: LoRA/full", "min lora/full", "{:.3f}"),
+    Column("min: LoRA/frozen", "min lora/frozen", "{:.3f}"),
+]
+TABLES = {"rows": COLUMNS}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--r", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--layouts", nargs="+", default=["1", "2", "2sp"],
@@ -39,9 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=11, help="turns each variant takes")
     parser.add_argument("--steps", type=int, default=1, help="steps per turn")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="fp32")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.r, args.seq, args.rounds, args.steps = [256], [16], 64, 3, 1
@@ -51,84 +56,60 @@ def parse_args(argv=None):
 def measure(tp: int, sp: bool, geometry: Geometry, ranks: list[int], rounds: int, steps: int,
             device: str, dtype_name: str) -> list[dict]:
     """Rows for one geometry and layout (runs on every rank; rank 0's result is kept)."""
-    dtype = DTYPES[dtype_name]
+    dtype = common.DTYPES[dtype_name]
     variants = {"frozen": ("frozen", 0), "full": ("full", 0)}
     variants.update({f"lora r={r}": ("lora", r) for r in ranks})
     step = {name: training_step(build_block(geometry, kind, r=r or 16, tp=tp, sp=sp,
                                             dtype=dtype, device=device), geometry, tp=tp, sp=sp)
             for name, (kind, r) in variants.items()}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    seconds = time_in_turns(step, rounds=rounds, steps_per_round=steps, warmup=2, sync=sync)
-    frozen, full = median(seconds["frozen"]), median(seconds["full"])
-    rows = []
+    samples = common.time_in_turns(step, rounds=rounds, steps_per_round=steps, warmup=2,
+                                   sync=common.synchronizer(device))
+    seconds = {name: s.wall for name, s in samples.items()}
+    frozen, full = common.median(seconds["frozen"]), common.median(seconds["full"])
+    # Other load only ever adds time: on a busy machine the fastest turn is the steadier
+    # estimate of the cost itself.
     fastest = {name: min(values) for name, values in seconds.items()}
+    rows = []
     for r in ranks:
-        lora = median(seconds[f"lora r={r}"])
+        lora = common.median(seconds[f"lora r={r}"])
         expected = theory.ratios(geometry, r, tp, sp)
         rows.append({
-            "hidden": geometry.hidden, "ffn": geometry.ffn, "layout": layouts.label(tp, sp),
+            "hidden": geometry.hidden, "ffn": geometry.ffn, "layout": common.layout_label(tp, sp),
             "r": r, "frozen_ms": frozen * 1e3, "full_ms": full * 1e3, "lora_ms": lora * 1e3,
             "lora/full": lora / full, "lora/frozen": lora / frozen,
             "theory lora/full": expected["lora/full"],
             "theory lora/frozen": expected["lora/frozen"],
-            "spread": max(spread(v) for v in seconds.values()),
-            # Other load only ever adds time: on a busy machine the fastest turn is the
-            # steadier estimate of the cost itself.
+            "spread": max(common.spread(v) for v in seconds.values()),
             "min lora/full": fastest[f"lora r={r}"] / fastest["full"],
             "min lora/frozen": fastest[f"lora r={r}"] / fastest["frozen"],
         })
     return rows
 
 
-def run(args) -> dict:
-    rows = []
-    for layout in args.layouts:
-        tp, sp = layouts.parse(layout)
-        for hidden in args.hidden:
-            geometry = Geometry(hidden=hidden, layers=args.layers, seq=args.seq, batch=args.batch)
-            new = layouts.run_layout(measure, tp, args.device, sp, geometry, args.r, args.rounds,
-                                     args.steps, args.device, args.dtype)
-            print_rows(new, header=not rows)
-            rows += new
-    return {"machine": machine.describe(args.device), "dtype": args.dtype,
-            "model": model_line(args), "rounds": args.rounds, "steps_per_round": args.steps,
-            "rows": rows}
-
-
-def model_line(args) -> str:
+def setup_line(args) -> str:
     return (f"{args.layers}-layer Megatron decoder block (local spec: RMSNorm, GQA with heads of "
             f"64 and query groups = heads / 2, SwiGLU ffn 4 x hidden, no bias), "
-            f"seq {args.seq} x batch {args.batch}, {args.dtype}, Adam")
-
-
-COLUMNS = [  # (key, header, format): ratios next to their theory
-    ("layout", "layout", "{:>8}"), ("hidden", "hidden", "{:>7}"), ("r", "r", "{:>4}"),
-    ("frozen_ms", "frozen ms", "{:>10.1f}"), ("full_ms", "full ms", "{:>9.1f}"),
-    ("lora_ms", "LoRA ms", "{:>9.1f}"), ("lora/full", "LoRA/full", "{:>10.3f}"),
-    ("theory lora/full", "theory", "{:>7.3f}"), ("lora/frozen", "LoRA/frozen", "{:>12.3f}"),
-    ("theory lora/frozen", "theory", "{:>7.3f}"), ("spread", "spread", "{:>7.0%}"),
-    ("min lora/full", "min: LoRA/full", "{:>15.3f}"), ("min lora/frozen", "LoRA/frozen", "{:>12.3f}"),
-]
-
-
-def print_rows(rows: list[dict], header: bool) -> None:
-    if header:
-        print("".join(title.rjust(len(fmt.format(rows[0][key])))
-                      for key, title, fmt in COLUMNS))
-    for row in rows:
-        print("".join(fmt.format(row[key]) for key, _, fmt in COLUMNS), flush=True)
+            f"seq {args.seq} x batch {args.batch}, {args.dtype}, Adam; "
+            f"median of {args.rounds} turns x {args.steps} steps")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"machine: {machine.describe(args.device)}")
-    print(f"model: {model_line(args)}; median of {args.rounds} turns x {args.steps} steps; "
-          f"spread = (max - min) / median of the noisiest variant; min: the ratios of the "
-          f"fastest turns")
-    result = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    machine = common.describe_machine(args.device)
+    print(f"machine: {machine}\n{setup_line(args)}; spread = (max - min) / median of the "
+          f"noisiest variant; min: the ratios of the fastest turns")
+    table, rows = common.TablePrinter(COLUMNS), []
+    for layout in args.layouts:
+        tp, sp = common.parse_layout(layout)
+        for hidden in args.hidden:
+            geometry = Geometry(hidden=hidden, layers=args.layers, seq=args.seq, batch=args.batch)
+            new = common.run_layout(measure, tp, args.device, sp, geometry, args.r, args.rounds,
+                                    args.steps, args.device, args.dtype)
+            table.print(new)
+            rows += new
+    common.write_json(args.json, {"machine": machine, "setup": setup_line(args),
+                                  "dtype": args.dtype, "rounds": args.rounds,
+                                  "steps_per_round": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ forward `4 T s heads kv`, backward twice that. LoRA per target: forward `2 T r (
 backward twice that (dh, dB, dA, dx). Not counted: elementwise work (norms, softmax, SwiGLU)
 and Adam, which the theory treats as free; the measured ratios include them.
 
-Per TP rank (the sharding rule in megatron_lora/lora_linear.py): the base work splits over `tp`; so does LoRA's under sequence
-parallelism. Without SP the replicated matrix works on all tokens on every rank: A of a column
-target (`in`) and B of a row target (`out`).
+Per TP rank (the sharding rule in megatron_lora/layers/sharding.py): the base work splits over
+`tp`; so does LoRA's under sequence parallelism. Without SP the replicated matrix works on all
+tokens on every rank: A of a column target (`in`) and B of a row target (`out`).
 """
 
 from __future__ import annotations

@@ -23,10 +23,12 @@ from collections.abc import Iterator, Mapping
 import torch
 
 # Adapter parameters are `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names):
-# the one rule by which both backends, their checkpoints and weight sync tell adapters apart.
-# A grouped expert linear (Transformer Engine's GroupedLinear) numbers its weights `weight0`,
-# `weight1`, ...; its per-expert adapters follow: `<module>.lora_A.weight3`.
-_ADAPTER_PARAMETER = re.compile(r"(?:^|\.)lora_([AB])\.weight(\d*)$")
+# the one rule by which both backends, their checkpoints and weight sync tell adapters apart
+# (and, as a regex string, slime's `--only-train-params-name-list`). A grouped expert linear
+# (Transformer Engine's GroupedLinear) numbers its weights `weight0`, `weight1`, ...; its
+# per-expert adapters follow: `<module>.lora_A.weight3`.
+ADAPTER_PARAMETER_PATTERN = r"(?:^|\.)lora_([AB])\.weight(\d*)$"
+_ADAPTER_PARAMETER = re.compile(ADAPTER_PARAMETER_PATTERN)
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -89,8 +91,8 @@ def require_state(modules: Mapping[str, LoRAState], verb: str, *, merged: bool |
         wrong = [name for name, module in modules.items()
                  if bool(getattr(module, attribute)) != wanted]
         if wrong:
-            raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) {_PROBLEM[attribute, wanted]}, "
-                               f"e.g. {wrong[0]!r}")
+            raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) "
+                               f"{_PROBLEM[attribute, wanted]}, e.g. {wrong[0]!r}")
 
 
 @contextlib.contextmanager

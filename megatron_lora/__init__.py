@@ -30,6 +30,7 @@ _LAZY = {
     "iter_merged_weights": "megatron_lora.merge",
     "save_dist_checkpoint": "megatron_lora.dist_checkpoint",
     "load_dist_checkpoint": "megatron_lora.dist_checkpoint",
+    "allow_missing_adapters": "megatron_lora.dist_checkpoint",
     "save_lora_checkpoint": "megatron_lora.adapter_checkpoint",
     "load_lora_checkpoint": "megatron_lora.adapter_checkpoint",
     "export_peft_adapter": "megatron_lora.peft",

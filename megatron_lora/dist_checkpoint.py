@@ -2,16 +2,30 @@
 
 The LoRA linears describe every adapter tensor with its true TP split in
 `sharded_state_dict` (see `LoRAParallelLinear.sharded_state_dict`), so
-`megatron.core.dist_checkpointing` saves every shard and reloads at any TP size. These two
-helpers add what a LoRA run needs on top: loading a base-only checkpoint into a LoRA model.
+`megatron.core.dist_checkpointing` saves every shard and reloads at any TP size. These helpers
+add what a LoRA run needs on top: loading a base-only checkpoint into a LoRA model, with our
+own loader or, inside `allow_missing_adapters()`, with any caller's (Megatron-LM's
+`load_checkpoint`) under any `--dist-ckpt-strictness`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
+
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedTensor,
+    ShardedTensorFactory,
+    apply_factories,
+)
+from megatron.core.dist_checkpointing.utils import extract_matching_values
 
 from lora_common.state import is_lora_parameter
 from megatron_lora.model import model_chunks
+
+logger = logging.getLogger(__name__)
 
 
 def _sharded_state_dict(model) -> dict:
@@ -24,8 +38,6 @@ def _sharded_state_dict(model) -> dict:
 def save_dist_checkpoint(model, ckpt_dir: str) -> None:
     """Save the whole model (base and adapters), every TP shard, with Megatron's dist
     checkpointing. Call on every rank."""
-    from megatron.core import dist_checkpointing
-
     sharded = _sharded_state_dict(model)  # refused, before any file, if LoRA is merged
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded, str(ckpt_dir))
@@ -40,21 +52,12 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
     """Load a dist checkpoint saved at any TP size into the model, on every rank.
 
     A checkpoint without adapters (a base model's) loads too: the adapters keep their init.
-    Any other tensor missing from the checkpoint is an error naming it, raised before the
-    model is touched. Returns the adapter keys that were not in the checkpoint."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_matching_values
-
-    sharded = _sharded_state_dict(model)
+    Any other tensor missing from the checkpoint, or of another global shape, is an error
+    naming it, raised before the model is touched. Returns the adapter keys that were not in
+    the checkpoint."""
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     _check_global_shapes(model, metadata, ckpt_dir)
-    saved = set(metadata)
-
-    def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
-        return isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and entry.key not in saved
-
-    missing, present = extract_matching_values(sharded, is_missing)
+    missing, present = _split_by_presence(_sharded_state_dict(model), set(metadata))
     missing_keys = sorted({entry.key for entry in _leaves(missing)})
     not_adapters = [key for key in missing_keys if not _is_adapter_key(key)]
     if not_adapters:
@@ -75,8 +78,6 @@ def load_dist_checkpoint(model, ckpt_dir: str) -> list[str]:
 def _check_global_shapes(model, metadata: dict, ckpt_dir) -> None:
     """Refuse a checkpoint of another geometry before anything loads: the loader writes into
     the model's own tensors as it goes, so a shape error midway would leave it half loaded."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
     built = _sharded_state_dict(model)
     apply_factories(built)  # SwiGLU fc1 and friends: the tensors their factories would save
     for entry in _leaves(built):
@@ -86,6 +87,58 @@ def _check_global_shapes(model, metadata: dict, ckpt_dir) -> None:
             raise ValueError(f"{ckpt_dir}: tensor {entry.key} has global shape "
                              f"{list(saved.global_shape)} in the checkpoint, "
                              f"{list(entry.global_shape)} in the model")
+
+
+def _split_by_presence(sharded_state_dict: dict, saved: set[str], only=lambda key: True):
+    """(tensor entries whose key is not in `saved` and that `only` accepts, everything else)."""
+    def is_missing(entry) -> bool:  # tensors only: extra-state objects load as they are
+        return (isinstance(entry, (ShardedTensor, ShardedTensorFactory))
+                and entry.key not in saved and only(entry.key))
+
+    return extract_matching_values(sharded_state_dict, is_missing)
+
+
+def _has_adapter_entries(tree) -> bool:
+    return any(isinstance(entry, (ShardedTensor, ShardedTensorFactory))
+               and _is_adapter_key(entry.key) for entry in _leaves(tree))
+
+
+@contextlib.contextmanager
+def allow_missing_adapters():
+    """Within: `megatron.core.dist_checkpointing.load`, whoever calls it (Megatron-LM's
+    `load_checkpoint` does), leaves the LoRA adapter tensors that the checkpoint does not hold
+    out of the request, and logs them. They keep their init and `load_state_dict` reports them
+    missing; every other tensor is checked as the caller's strictness says.
+
+    What it adds to the LoRA layers' own `sharded_state_dict` (which loads a base-only checkpoint
+    under every strictness that tolerates absent keys): the strictnesses that refuse them
+    (`raise_unexpected`, `raise_all`, and the default `assume_ok_unexpected` on megatron-core's
+    own torch_dist strategy, which raises `KeyError: ... from model not in state dict`; slime's
+    patched Megatron-LM skips absent keys there). A request without adapters is passed on
+    untouched, with no extra read. Nests; restores the original function on exit.
+    """
+    original = dist_checkpointing.load
+    if getattr(original, "_lora_allows_missing_adapters", False):
+        yield
+        return
+
+    def load(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        if _has_adapter_entries(sharded_state_dict):
+            saved = set(dist_checkpointing.load_tensors_metadata(str(checkpoint_dir)))
+            absent, sharded_state_dict = _split_by_presence(sharded_state_dict, saved,
+                                                            only=_is_adapter_key)
+            keys = sorted({entry.key for entry in _leaves(absent)})
+            if keys:
+                logger.warning("%s holds no LoRA adapters for %d tensor(s), left at their init: %s",
+                               checkpoint_dir, len(keys), keys)
+        return original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    load._lora_allows_missing_adapters = True
+    dist_checkpointing.load = load
+    try:
+        yield
+    finally:
+        dist_checkpointing.load = original
 
 
 def _leaves(tree):

@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from lora_common.state import ADAPTER_PARAMETER_PATTERN
 
 
 def gpt_lora_spec(
@@ -48,9 +49,8 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     """`--spec megatron_lora get_gpt_lora_spec`: the base spec (from `--lora-base-spec MODULE
     FUNCTION`, called like `--spec` functions, or Megatron's default GPT spec) with LoRA
     configured by the `--lora-*` flags."""
-    from megatron_lora.spec import lora_spec
-
     from megatron_lora import moe
+    from megatron_lora.spec import lora_spec
 
     lora = LoRAConfig.from_args(args)
     moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))
@@ -137,4 +137,4 @@ def custom_megatron_init(args: argparse.Namespace) -> None:
         args.lora_base_spec = spec  # LoRA wraps the spec the user chose
     args.spec = ours
     if config.only_trainable:
-        args.only_train_params_name_list = [r"\.lora_[AB]\.weight$"]
+        args.only_train_params_name_list = [ADAPTER_PARAMETER_PATTERN]

@@ -3,6 +3,7 @@ adapter-only checkpoints (atomic, verified, every mismatch named before anything
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import torch
 
 from support import lora_helpers
 from support import tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
@@ -70,19 +73,12 @@ def dist_checkpoint_round_trips(tmp):
     init = lora_state(model)
     out["base_missing"] = load_dist_checkpoint(model, f"{tmp}/base")
     out["base_into_lora_loss"] = tiny_gpt.loss(model).item()
-    out["base_kept_lora_init"] = all(torch.equal(v, lora_state(model)[k]) for k, v in init.items())
-    # A checkpoint missing a base tensor is named, not half-loaded.
-    try:
-        load_dist_checkpoint(tiny_gpt.build_gpt(lora_spec_with_bias()), f"{tmp}/base")
-    except ValueError as error:
-        out["missing_base_error"] = str(error)
+    out["base_lora"] = (lora_state(model), init)
+    # A checkpoint missing a base tensor is named, not half-loaded: a LoRA model with biases
+    # needs tensors the bias-free base checkpoint lacks.
+    out["missing_base"] = outcome(ValueError, load_dist_checkpoint,
+                                  lora_model(add_bias_linear=True), f"{tmp}/base")
     return out
-
-
-def lora_spec_with_bias():
-    from megatron_lora import lora_spec
-
-    return lora_spec(tiny_gpt.local_spec(), CONFIG)
 
 
 def test_dist_checkpoint_reshards_every_adapter_shard(tmp_path):
@@ -90,14 +86,16 @@ def test_dist_checkpoint_reshards_every_adapter_shard(tmp_path):
     for out in (rank0, rank1):
         assert out["tp2_to_tp1_missing"] == []
         assert out["tp2_to_tp1_loss"] == pytest.approx(out["tp2_loss"], rel=1e-6)
-        for name, value in out["tp2_lora"].items():
-            assert torch.equal(out["tp2_to_tp1_lora"][name], value), name
+        assert_same(out["tp2_to_tp1_lora"], out["tp2_lora"], "adapters after TP=2 -> TP=1")
         assert out["tp1_to_tp2_loss"] == pytest.approx(out["tp1_loss"], rel=1e-6)
         assert out["tp1_loss"] != pytest.approx(out["tp2_loss"], rel=1e-6)
         # dist-checkpoint keys stack the layers: one key per (target, matrix)
-        assert len(out["base_missing"]) == 4 * 2 and all(".lora_" in k for k in out["base_missing"])
+        assert len(out["base_missing"]) == 4 * 2
+        assert [k for k in out["base_missing"] if ".lora_" not in k] == []
         assert out["base_into_lora_loss"] == pytest.approx(out["plain_loss"], rel=1e-6)
-        assert out["base_kept_lora_init"]
+        assert_same(*out["base_lora"], "adapters after loading a base-only checkpoint")
+        assert_raised(out["missing_base"], re.escape("checkpoint lacks tensor(s) ['decoder.")
+                      + ".*bias")
 
 
 def adapter_round_trip(path):
@@ -111,16 +109,13 @@ def adapter_round_trip(path):
     initialize_model_parallel(tp=1)
     model = lora_model(lora_seed=5)
     load_lora_checkpoint(model, path)
-    loaded = lora_state(model)
-    return {"equal": all(torch.equal(loaded[k], v) for k, v in saved.items()),
-            "same_keys": loaded.keys() == saved.keys(),
-            "loss": (saved_loss, tiny_gpt.loss(model).item())}
+    return {"lora": (lora_state(model), saved), "loss": (saved_loss, tiny_gpt.loss(model).item())}
 
 
 def test_adapter_checkpoint_round_trip_tp2_to_tp1(tmp_path):
     path = tmp_path / "adapter.safetensors"
     for out in run_on_ranks(adapter_round_trip, world_size=2, args=(str(path),)):
-        assert out["equal"] and out["same_keys"]
+        assert_same(*out["lora"], "adapters after TP=2 -> TP=1")  # same keys, same values
         assert out["loss"][1] == pytest.approx(out["loss"][0], rel=1e-6)
     from megatron_lora import read_lora_checkpoint
 
@@ -161,7 +156,7 @@ def adapter_mismatches(tmp):
     model = lora_model(lora_seed=9)
     lora_helpers.set_nonzero_B(model, seed=3)
     before = lora_state(model)
-    errors = {}
+    results = {}
     for name, mutate in variants.items():
         write_variant(good, f"{tmp}/{name}.safetensors", mutate)
     data = open(good, "rb").read()
@@ -170,25 +165,26 @@ def adapter_mismatches(tmp):
     corrupted[-5] ^= 0xFF  # a bit flip in the last tensor's bytes; the header still parses
     open(f"{tmp}/corrupted.safetensors", "wb").write(bytes(corrupted))
     for name in [*variants, "truncated", "corrupted"]:
-        try:
-            load_lora_checkpoint(model, f"{tmp}/{name}.safetensors")
-            errors[name] = None
-        except ValueError as error:
-            errors[name] = str(error)
-    errors["untouched"] = all(torch.equal(v, lora_state(model)[k]) for k, v in before.items())
-    return errors
+        results[name] = outcome(ValueError, load_lora_checkpoint, model,
+                                f"{tmp}/{name}.safetensors")
+    results["lora"] = (lora_state(model), before)
+    return results
 
 
 def test_every_adapter_mismatch_is_named_and_leaves_the_model_untouched(tmp_path):
     (errors,) = run_on_ranks(adapter_mismatches, world_size=1, args=(str(tmp_path),))
-    assert "LoRAConfig.alpha is 8.0 in the model, 16.0" in errors["alpha"]
-    assert "ffn_hidden_size: 128 vs 96" in errors["geometry"]
-    assert "lacks tensor decoder.layers.0.self_attention.linear_qkv.lora_B.weight" in errors["missing"]
-    assert "no adapter for: ['decoder.layers.9.mlp.linear_fc2.lora_A.weight']" in errors["extra"]
-    assert "linear_qkv.lora_B.weight has shape [112, 4], the model needs [128, 4]" in errors["shape"]
-    assert "not a readable safetensors file" in errors["truncated"]
-    assert "is corrupted (SHA-256 mismatch)" in errors["corrupted"]
-    assert errors["untouched"]
+    expected = {
+        "alpha": "LoRAConfig.alpha is 8.0 in the model, 16.0",
+        "geometry": "ffn_hidden_size: 128 vs 96",
+        "missing": "lacks tensor decoder.layers.0.self_attention.linear_qkv.lora_B.weight",
+        "extra": "no adapter for: ['decoder.layers.9.mlp.linear_fc2.lora_A.weight']",
+        "shape": "linear_qkv.lora_B.weight has shape [112, 4], the model needs [128, 4]",
+        "truncated": "not a readable safetensors file",
+        "corrupted": "is corrupted (SHA-256 mismatch)",
+    }
+    for name, fragment in expected.items():
+        assert_raised(errors[name], re.escape(fragment))
+    assert_same(*errors["lora"], "adapters after the refused loads")
 
 
 KILLED_SAVE = textwrap.dedent("""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.compare import assert_same
 from support.fsdp_llama import BATCH, build_llama, token_batches
+from support.outcomes import assert_raised, outcome
 from fsdp_lora import (LoRAConfig, apply_lora_to_fsdp_model, disable_lora, get_lora_parameters,
                        iter_merged_weights, load_peft_adapter, merge_lora_weights,
                        save_peft_adapter, unmerge_lora_weights)
@@ -74,10 +76,7 @@ def _fsdp2_checks(rank: int, rows: slice, tmp: str, probe: torch.Tensor) -> dict
     with torch.no_grad():
         for name, buffer in model.named_buffers():   # RoPE's inv_freq is not in state_dict
             buffer.copy_(base.get_buffer(name))
-    try:
-        apply_lora_to_fsdp_model(model, CONFIG)
-    except ValueError as error:
-        out["apply_after_wrap_error"] = str(error)
+    out["apply_after_wrap"] = outcome(ValueError, apply_lora_to_fsdp_model, model, CONFIG)
 
     out["losses"] = train(model, rows)
     out["final_lora"] = lora_state(model)
@@ -172,8 +171,9 @@ def test_fsdp2_meta_init_draws_the_same_lora_as_an_eager_model(ranks, reference)
         initial = rank["fsdp2"]["initial_lora"]
         assert initial.keys() == reference["initial_lora"].keys()
         for name, value in reference["initial_lora"].items():
-            assert torch.equal(initial[name], value), name
-    assert all(not v.any() for n, v in rank0["fsdp2"]["initial_lora"].items() if "lora_B" in n)
+            assert_same(initial[name], value, name)
+    initial = rank0["fsdp2"]["initial_lora"]
+    assert [n for n, v in initial.items() if "lora_B" in n and v.any()] == []  # B = 0
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1"])
@@ -184,7 +184,8 @@ def test_training_on_two_ranks_equals_one_process(ranks, reference, backend):
     assert reference["losses"][-1] < reference["losses"][0]   # the adapter did learn
     assert_same_tensors(rank0[backend]["final_lora"], reference["final_lora"])
     assert_same_tensors(rank1[backend]["final_lora"], reference["final_lora"])
-    assert any(v.abs().max() > 1e-3 for n, v in reference["final_lora"].items() if "lora_B" in n)
+    assert max(v.abs().max().item() for n, v in reference["final_lora"].items()
+               if "lora_B" in n) > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1"])
@@ -209,7 +210,7 @@ def test_fsdp2_merge_disable_and_unmerge(ranks, reference, probe):
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(fsdp2["disabled_logits"], logits(build_llama(), probe),
                                atol=1e-5, rtol=1e-4)
-    assert "already wrapped by FSDP" in fsdp2["apply_after_wrap_error"]
+    assert_raised(fsdp2["apply_after_wrap"], "already wrapped by FSDP")
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "fsdp1"])

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from support.compare import assert_same
 from support.fsdp_llama import build_llama, randomize_lora, token_batches
 from fsdp_lora import (HF_TARGET_MODULES, LoRAConfig, LoRALinear, add_lora_arguments,
                        apply_lora_to_fsdp_model, disable_lora, get_lora_parameters,
@@ -64,7 +65,7 @@ def test_fresh_adapter_keeps_base_names_and_weights():
     ours = apply_lora_to_fsdp_model(build_llama(), CONFIG)
     names = dict(ours.named_parameters())
     for name, value in base.named_parameters():   # same names, same values: no `base_layer.`
-        assert torch.equal(names.pop(name), value), name
+        assert_same(names.pop(name), value, name)
     q = ours.model.layers[0].self_attn.q_proj
     assert isinstance(q, LoRALinear) and isinstance(q, torch.nn.Linear)
     assert sorted(names) == sorted(
@@ -73,15 +74,15 @@ def test_fresh_adapter_keeps_base_names_and_weights():
                                ("mlp", "gate_proj up_proj down_proj"))
         for target in targets.split() for f in "AB")
     assert q.lora_A.weight.shape == (4, 48) and q.lora_B.weight.shape == (48, 4)
-    assert not any(p.any() for n, p in names.items() if "lora_B" in n)   # B starts at zero
-    assert torch.equal(logits(ours), logits(base))
+    assert [n for n, p in names.items() if "lora_B" in n and p.any()] == []   # B starts at zero
+    assert_same(logits(ours), logits(base), "logits with B = 0 vs the base model")
 
 
 def test_apply_does_not_consume_the_global_rng():
     model = build_llama()
     before = torch.get_rng_state()
     apply_lora_to_fsdp_model(model, CONFIG)
-    assert torch.equal(torch.get_rng_state(), before)
+    assert_same(torch.get_rng_state(), before, "global RNG state")
 
 
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
@@ -106,7 +107,7 @@ def test_A_init_has_peft_distribution_and_depends_on_seed_and_name(init):
                 assert a.abs().max() > 0.9 * bound
     a_q0 = ours.model.layers[0].self_attn.q_proj.lora_A.weight
     _, again = lora_model(config, randomize=False)
-    assert torch.equal(again.model.layers[0].self_attn.q_proj.lora_A.weight, a_q0)
+    assert_same(again.model.layers[0].self_attn.q_proj.lora_A.weight, a_q0, "A drawn again")
     assert not torch.equal(ours.model.layers[1].self_attn.q_proj.lora_A.weight, a_q0)
     _, reseeded = lora_model(LoRAConfig(r=8, alpha=16, init=init, seed=6), randomize=False)
     assert not torch.equal(reseeded.model.layers[0].self_attn.q_proj.lora_A.weight, a_q0)
@@ -120,7 +121,7 @@ def test_meta_model_draws_lora_at_materialization():
     expected = {n: p for n, p in eager.named_parameters() if "lora_" in n}
     for name, value in meta.named_parameters():
         if "lora_" in name:
-            assert torch.equal(value, expected[name]), name
+            assert_same(value, expected[name], name)
     # FSDP1's path: to_empty(recurse=False) then reset_parameters(), module by module
     fsdp1 = apply_lora_to_fsdp_model(build_llama(device="meta"), CONFIG)
     with torch.no_grad():
@@ -131,7 +132,7 @@ def test_meta_model_draws_lora_at_materialization():
                     module.reset_parameters()
     for name, value in fsdp1.named_parameters():
         if "lora_" in name:
-            assert torch.equal(value, expected[name]), name
+            assert_same(value, expected[name], name)
 
 
 class RecordOps:
@@ -211,7 +212,7 @@ def test_same_logits_and_lora_grads_as_peft(use_rslora):
     twin_out.loss.backward()
     theirs = dict(twin.named_parameters())
     grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert len(grads) == 28 and all(g is not None for g in grads.values())
+    assert len(grads) == 28 and [n for n, g in grads.items() if g is None] == []
     assert {n for n, p in theirs.items() if p.requires_grad} == {peft_key(n) for n in grads}
     for name, grad in grads.items():
         torch.testing.assert_close(grad, theirs[peft_key(name)].grad, atol=1e-6, rtol=1e-4)
@@ -227,19 +228,21 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
     assert streamed.keys() == expected.keys()
     for name, value in streamed.items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5)
-    assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters())
+    for name, value in ours.named_parameters():
+        assert_same(value, before[name], f"{name} after streaming")
 
     merge_lora_weights(ours)
     merged_once = {n: p.clone() for n, p in ours.named_parameters()}
     with pytest.raises(RuntimeError, match=r"merge_lora_weights: 14 LoRA module\(s\) are merged \(unmerge_lora_weights first\), e.g. 'model.layers.0.self_attn.q_proj'"):
         merge_lora_weights(ours)                   # refused before adding anything twice
-    assert all(torch.equal(p, merged_once[n]) for n, p in ours.named_parameters())
+    for name, value in ours.named_parameters():
+        assert_same(value, merged_once[name], f"{name} after the refused merge")
     state = ours.state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits(ours), lora_logits, atol=1e-5, rtol=1e-5)
-    assert torch.equal(dict(iter_merged_weights(ours))["model.layers.0.mlp.up_proj.weight"],
-                       state["model.layers.0.mlp.up_proj.weight"])
+    assert_same(dict(iter_merged_weights(ours))["model.layers.0.mlp.up_proj.weight"],
+                state["model.layers.0.mlp.up_proj.weight"], "stream of the merged model")
 
     unmerge_lora_weights(ours)
     for name, value in ours.named_parameters():
@@ -253,20 +256,21 @@ def test_disable_lora_is_the_base_model_nests_and_restores_on_error():
     base, ours = lora_model()
     base_logits, lora_logits = logits(base), logits(ours)
     with disable_lora(ours):
-        assert torch.equal(logits(ours), base_logits)
+        assert_same(logits(ours), base_logits, "inside disable_lora")
         with disable_lora(ours):
-            assert torch.equal(logits(ours), base_logits)
-        assert torch.equal(logits(ours), base_logits)   # inner exit kept the outer state
-    assert torch.equal(logits(ours), lora_logits)
+            assert_same(logits(ours), base_logits, "inside nested disable_lora")
+        assert_same(logits(ours), base_logits, "after the inner exit")  # kept the outer state
+    assert_same(logits(ours), lora_logits, "after disable_lora")
     with pytest.raises(RuntimeError, match="boom"):
         with disable_lora(ours):
             raise RuntimeError("boom")
-    assert torch.equal(logits(ours), lora_logits)
+    assert_same(logits(ours), lora_logits, "after an exception inside disable_lora")
     with disable_lora(ours):                    # the weight stream follows what the model computes
         streamed = dict(iter_merged_weights(ours))
         with pytest.raises(RuntimeError, match="inside disable_lora"):
             merge_lora_weights(ours)
-    assert all(torch.equal(streamed[n], p) for n, p in base.named_parameters())
+    for name, value in base.named_parameters():
+        assert_same(streamed[name], value, f"{name} streamed inside disable_lora")
     merge_lora_weights(ours)
     with pytest.raises(RuntimeError, match=r"disable_lora: 14 LoRA module\(s\) are merged"):
         with disable_lora(ours):
@@ -276,7 +280,7 @@ def test_disable_lora_is_the_base_model_nests_and_restores_on_error():
 def test_dropout_only_touches_the_adapter_branch():
     base, ours = lora_model(LoRAConfig(r=4, alpha=8, dropout=0.5), randomize=False)
     ours.train()
-    assert torch.equal(logits(ours), logits(base.train()))    # B = 0: dropout changes nothing
+    assert_same(logits(ours), logits(base.train()), "B = 0")  # dropout changes nothing
     randomize_lora(ours)
     _, plain = lora_model(LoRAConfig(r=4, alpha=8))
     ours.eval()
@@ -297,7 +301,7 @@ def test_trainable_parameters_and_flags():
     model = apply_lora_to_fsdp_model(build_llama(), args)
     assert model.model.layers[0].self_attn.q_proj.lora_config.r == 2
     assert not isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
-    assert all(p.requires_grad for p in model.parameters())         # base left trainable
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == []  # base trains
     mark_only_lora_as_trainable(model)
     assert sum(p.requires_grad for p in model.parameters()) == 8
 
@@ -353,7 +357,7 @@ def test_peft_loads_our_adapter_with_no_warnings_and_same_logits(tmp_path):
     loaded, warned = _load_recording_warnings(tmp_path / "ours")
     _, peft_own_warned = _load_recording_warnings(tmp_path / "peft")
     assert warned == peft_own_warned                # e.g. transformers deprecations, nothing more
-    assert not any("adapter" in message.lower() for message in warned)
+    assert [message for message in warned if "adapter" in message.lower()] == []
     torch.testing.assert_close(logits(loaded), logits(ours), atol=1e-5, rtol=1e-5)
     k0 = loaded.base_model.model.model.layers[0].self_attn.k_proj
     assert not hasattr(k0, "lora_A")                # PEFT adapted exactly our modules
@@ -386,7 +390,7 @@ def test_non_linear_target_and_unknown_exclude_are_refused_before_any_swap():
         apply_lora_to_fsdp_model(model, LoRAConfig(target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(ValueError, match="exclude_modules entry 'q_prj' matches no module"):
         apply_lora_to_fsdp_model(model, LoRAConfig(exclude_modules=["q_prj"]))
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == []
     apply_lora_to_fsdp_model(model, CONFIG)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         apply_lora_to_fsdp_model(model, CONFIG)
@@ -415,7 +419,8 @@ def test_adapter_for_another_geometry_is_refused_and_changes_nothing(tmp_path):
     fewer = _saved(tmp_path / "qv", LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="no adapter for 10 LoRA module"):
         load_peft_adapter(target, fewer)
-    assert all(torch.equal(p, before[n]) for n, p in target.named_parameters())
+    for name, value in target.named_parameters():
+        assert_same(value, before[name], f"{name} after the refused loads")
 
 
 def test_unreadable_or_unsupported_adapter_files_name_the_culprit(tmp_path):

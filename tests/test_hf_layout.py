@@ -2,10 +2,14 @@
 real modules, the fused layouts are the ones Megatron computes with, and a Megatron GPTModel
 converted through them computes the HF model's logits at TP=1, TP=2 and TP=2 with SP."""
 
+import re
+
 import pytest
 import torch
 
 from support import hf_llama
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 from lora_common import HF_TARGET_MODULES, MEGATRON_TARGET_MODULES
 from megatron_lora.interop import hf_mapping
 from megatron_lora.interop.geometry import Geometry
@@ -40,17 +44,17 @@ def test_split_and_fuse_qkv_invert_each_other(heads, groups, kv_channels, traili
     q, k, v = split_qkv(fused, heads, groups, kv_channels)
     assert q.shape == (heads * kv_channels, *trailing)
     assert k.shape == v.shape == (groups * kv_channels, *trailing)
-    assert torch.equal(fuse_qkv(q, k, v, heads, groups, kv_channels), fused)
+    assert_same(fuse_qkv(q, k, v, heads, groups, kv_channels), fused, "fuse_qkv(split_qkv(x))")
 
 
 def test_split_fc1_is_gate_then_up_and_shards_as_megatron_stores_it():
     gate, up = torch.randn(6, 4), torch.randn(6, 4)
     fused = fuse_fc1(gate, up)
-    assert all(torch.equal(a, b) for a, b in zip(split_fc1(fused), (gate, up)))
+    assert_same(list(split_fc1(fused)), [gate, up], "split_fc1(fuse_fc1(gate, up))")
     # Megatron's stride-2 split leaves each rank [gate_i; up_i].
     for rank in range(2):
         expected = torch.cat([gate.chunk(2)[rank], up.chunk(2)[rank]])
-        assert torch.equal(shard(fused, 0, rank, 2, stride=2), expected)
+        assert_same(shard(fused, 0, rank, 2, stride=2), expected, f"rank {rank} shard")
 
 
 def test_layout_errors_name_the_culprit():
@@ -76,7 +80,7 @@ def test_split_target_routes_each_megatron_target():
         fused = torch.randn(rows, 3)
         parts = hf_mapping.split_target(target, fused, geometry)
         assert len(parts) == len(hf_mapping.hf_leaves(target))
-        assert torch.equal(hf_mapping.fuse_target(target, parts, geometry), fused)
+        assert_same(hf_mapping.fuse_target(target, parts, geometry), fused, target)
     with pytest.raises(ValueError, match="non-gated MLP"):
         hf_mapping.split_target("linear_fc1", torch.zeros(6, 3),
                                Geometry(1, 8, 4, 2, 2, 6, gated_linear_unit=False))
@@ -234,14 +238,10 @@ def conversions_at_every_layout():
     hf_llama.load_hf_state(gpt, llama.state_dict())
     out["lora_param_after_load"] = qkv.lora_A.weight.item()
     del qkv.lora_A
-    errors = []
-    for bad_state in ({**llama.state_dict(), "model.extra.weight": torch.zeros(1)},
-                      {k: v for k, v in llama.state_dict().items() if "up_proj" not in k}):
-        try:
-            hf_llama.load_hf_state(gpt, bad_state)
-        except (KeyError, ValueError) as error:
-            errors.append(str(error))
-    out["load_errors"] = errors
+    extra = {**llama.state_dict(), "model.extra.weight": torch.zeros(1)}
+    missing = {k: v for k, v in llama.state_dict().items() if "up_proj" not in k}
+    out["load_errors"] = [outcome((KeyError, ValueError), hf_llama.load_hf_state, gpt, bad_state)
+                          for bad_state in (extra, missing)]
     return out
 
 
@@ -286,6 +286,6 @@ def test_geometry_and_module_names_agree_with_the_built_gpt(conversions):
 def test_loading_uses_every_hf_tensor_and_fills_every_parameter(conversions):
     assert conversions[0]["lora_param_after_load"] == 3.0
     extra, missing = conversions[0]["load_errors"]
-    assert "HF tensors with no Megatron parameter: ['model.extra.weight']" in extra
-    assert "lacks ['model.layers.0.mlp.up_proj.weight'] for Megatron parameter " \
-           "'decoder.layers.0.mlp.linear_fc1.weight'" in missing
+    assert_raised(extra, re.escape("HF tensors with no Megatron parameter: ['model.extra.weight']"))
+    assert_raised(missing, re.escape("lacks ['model.layers.0.mlp.up_proj.weight'] for Megatron "
+                                     "parameter 'decoder.layers.0.mlp.linear_fc1.weight'"))

@@ -2,10 +2,10 @@
 the init does not depend on TP, and the parameter attributes and count are right."""
 
 import pytest
-import torch
 
 from support import lora_helpers
 from support import tiny_gpt
+from support.compare import assert_same
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
@@ -24,21 +24,20 @@ def build_and_compare():
         posthoc = apply_lora_to_megatron_model(tiny_gpt.build_gpt(sequence_parallel=sp), CONFIG)
         plain_state, spec_state = tiny_gpt.full_state(plain), tiny_gpt.full_state(spec_model)
         lora = get_lora_parameters(spec_model)
+        plain_logits = tiny_gpt.logits(plain)
         out[(tp, sp)] = dict(
-            b0_logits_equal=torch.equal(tiny_gpt.logits(plain), tiny_gpt.logits(spec_model)),
-            base_weights_equal=all(torch.equal(v, spec_state[k]) for k, v in plain_state.items()),
-            base_names_kept=set(plain_state) <= set(spec_state),
+            b0_logits=(tiny_gpt.logits(spec_model), plain_logits),
+            plain_state=plain_state,
+            spec_state=spec_state,  # this rank's parameters, as built (nothing gathered)
             extra_names=sorted(set(spec_state) - set(plain_state)),
-            routes_equal=[(k, v.shape) for k, v in spec_state.items()]
-            == [(k, v.shape) for k, v in tiny_gpt.full_state(posthoc).items()]
-            and all(torch.equal(v, tiny_gpt.full_state(posthoc)[k]) for k, v in spec_state.items()),
+            posthoc_state=tiny_gpt.full_state(posthoc),
             lora_full=lora_helpers.full_state(lora),
             attributes={name: (getattr(p, "tensor_model_parallel"), getattr(p, "partition_dim"),
                                getattr(p, "partition_stride"), getattr(p, "sequence_parallel", False))
                         for name, p in lora.items()},
             trainable_local=sum(p.numel() for p in posthoc.parameters() if p.requires_grad),
-            frozen_base_in_layers=all(not p.requires_grad for n, p in spec_model.named_parameters()
-                                      if ".layers." in n and ".lora_" not in n),
+            trainable_base_in_layers=[n for n, p in spec_model.named_parameters()
+                                      if ".layers." in n and ".lora_" not in n and p.requires_grad],
         )
     return out
 
@@ -51,21 +50,28 @@ def built():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_b_zero_is_the_base_model_bit_for_bit(built, layout):
     for rank in built:
-        assert rank[layout]["b0_logits_equal"]
-        assert rank[layout]["base_weights_equal"]  # the global RNG stream was not consumed
-        assert rank[layout]["base_names_kept"]
+        r = rank[layout]
+        assert_same(*r["b0_logits"], "logits with B = 0 vs the plain model")
+        plain, spec = r["plain_state"], r["spec_state"]
+        assert set(plain) <= set(spec)  # the base names are kept
+        for name, value in plain.items():  # the global RNG stream was not consumed
+            assert_same(spec[name], value, name)
 
 
 def test_only_lora_names_are_added(built):
     extra = built[0][(1, False)]["extra_names"]
     assert len(extra) == 2 * 4 * 2  # layers x targets x (A, B)
-    assert all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in extra)
+    assert [n for n in extra if not n.endswith((".lora_A.weight", ".lora_B.weight"))] == []
     assert "decoder.layers.1.mlp.linear_fc1.lora_B.weight" in extra
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_spec_route_equals_posthoc_route(built, layout):
-    assert all(rank[layout]["routes_equal"] for rank in built)
+    for rank in built:
+        spec, posthoc = rank[layout]["spec_state"], rank[layout]["posthoc_state"]
+        # same names in the same order with the same shapes, then the same values
+        assert [(k, v.shape) for k, v in spec.items()] == [(k, v.shape) for k, v in posthoc.items()]
+        assert_same(posthoc, spec, "post-hoc route vs spec route")
 
 
 def test_lora_init_is_independent_of_tp(built):
@@ -75,11 +81,11 @@ def test_lora_init_is_independent_of_tp(built):
             got = rank[layout]["lora_full"]
             assert got.keys() == reference.keys()
             for name, value in reference.items():
-                assert torch.equal(got[name], value), (layout, name)
+                assert_same(got[name], value, f"{layout} {name}")
     # no two adapters share an A
     a_values = [v for n, v in reference.items() if "lora_A" in n]
     assert len({tuple(v.flatten()[:8].tolist()) for v in a_values}) == len(a_values)
-    assert all(not v.any() for n, v in reference.items() if "lora_B" in n)
+    assert [n for n, v in reference.items() if "lora_B" in n and v.any()] == []  # B = 0
 
 
 def test_parameter_attributes_follow_the_sharding_rule(built):
@@ -112,4 +118,6 @@ def test_trainable_parameter_count_matches_the_formula(built):
 
 
 def test_spec_route_freezes_the_layers_base(built):
-    assert all(rank[layout]["frozen_base_in_layers"] for rank in built for layout in LAYOUTS)
+    for rank in built:
+        for layout in LAYOUTS:
+            assert rank[layout]["trainable_base_in_layers"] == [], layout

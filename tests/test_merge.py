@@ -1,10 +1,14 @@
 """merge / unmerge / disable_lora / iter_merged_weights on Megatron LoRA models."""
 
+import re
+
 import pytest
 import torch
 
 from support import lora_helpers
 from support import tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
@@ -19,6 +23,15 @@ def ulps(after: torch.Tensor, before: torch.Tensor, merged: torch.Tensor) -> flo
     magnitude = torch.maximum(before.abs(), merged.abs())
     spacing = torch.nextafter(magnitude, torch.tensor(float("inf"), dtype=before.dtype)) - magnitude
     return ((after - before).abs().float() / spacing.float()).max().item()
+
+
+def enter_disable_lora(model, error: Exception | None = None) -> None:
+    """Enter and leave `disable_lora`, raising `error` inside if given (a call for `outcome`)."""
+    from megatron_lora import disable_lora
+
+    with disable_lora(model):
+        if error is not None:
+            raise error
 
 
 def merge_cases():
@@ -42,49 +55,33 @@ def merge_cases():
         stream = {}
         for name, tensor in iter_merged_weights(model):
             stream[name] = tensor.clone()
-        r["stream_names"] = sorted(stream) == sorted(base)
-        r["stream_untouched"] = all(torch.equal(params[n], v) for n, v in base.items())
+        r["stream"] = stream
+        r["base"] = base
+        r["after_stream"] = {n: params[n].detach().clone() for n in base}
         r["stream_full"] = {n: lora_helpers.full_tensor_like(v, params[n]) for n, v in stream.items()}
 
-        # disable_lora: the base model, nested, restored after an exception.
+        # disable_lora: the base model, nested, restored after an exception. Each pair is
+        # (the LoRA model's logits, the plain model's).
         with disable_lora(model):
-            r["disabled_is_base"] = torch.equal(tiny_gpt.logits(model), tiny_gpt.logits(plain))
+            r["disabled"] = (tiny_gpt.logits(model), tiny_gpt.logits(plain))
             with disable_lora(model):
                 pass
-            r["nested_still_base"] = torch.equal(tiny_gpt.logits(model), tiny_gpt.logits(plain))
-        try:
-            with disable_lora(model):
-                raise KeyError("inside")
-        except KeyError:
-            pass
+            r["nested"] = (tiny_gpt.logits(model), tiny_gpt.logits(plain))
+        r["raised_inside"] = outcome(KeyError, enter_disable_lora, model, KeyError("inside"))
         r["restored"] = (tiny_gpt.logits(model) - lora_logits).abs().max().item()
         with disable_lora(model):
-            try:
-                merge_lora_weights(model)
-            except RuntimeError as error:
-                r["merge_disabled"] = str(error)
+            r["merge_disabled"] = outcome(RuntimeError, merge_lora_weights, model)
 
         merge_lora_weights(model)
         r["merged_logits_close"] = (tiny_gpt.logits(model) - lora_logits).abs().max().item()
-        r["merged_equals_stream"] = all(torch.equal(params[n], v) for n, v in stream.items())
-        r["stream_after_merge_is_weights"] = all(
-            torch.equal(t, params[n]) for n, t in iter_merged_weights(model))
-        try:
-            merge_lora_weights(model)
-        except RuntimeError as error:
-            r["double_merge"] = str(error)
-        try:
-            with disable_lora(model):
-                pass
-        except RuntimeError as error:
-            r["disable_merged"] = str(error)
+        r["merged"] = {n: params[n].detach().clone() for n in stream}
+        r["stream_after_merge"] = {n: t.clone() for n, t in iter_merged_weights(model)}
+        r["double_merge"] = outcome(RuntimeError, merge_lora_weights, model)
+        r["disable_merged"] = outcome(RuntimeError, enter_disable_lora, model)
         unmerge_lora_weights(model)
         r["unmerge_ulps"] = max(ulps(params[n].detach(), v, stream[n]) for n, v in base.items())
         r["unmerge_bit_exact"] = sum(torch.equal(params[n], v) for n, v in base.items()) / len(base)
-        try:
-            unmerge_lora_weights(model)
-        except RuntimeError as error:
-            r["double_unmerge"] = str(error)
+        r["double_unmerge"] = outcome(RuntimeError, unmerge_lora_weights, model)
 
         out[(tp, sp)] = r
     return out
@@ -101,17 +98,21 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores(cases, layout):
         r = rank[layout]
         assert r["merged_logits_close"] < 1e-5
         assert r["unmerge_ulps"] <= 1.0  # fp32: bit-exact or within one unit in the last place
-        assert "LoRA module(s) are merged (unmerge_lora_weights first)" in r["double_merge"]
-        assert "disable_lora: 8 LoRA module(s) are merged" in r["disable_merged"]
-        assert "unmerge_lora_weights: 8 LoRA module(s) are not merged" in r["double_unmerge"]
+        assert_raised(r["double_merge"],
+                      re.escape("LoRA module(s) are merged (unmerge_lora_weights first)"))
+        assert_raised(r["disable_merged"], re.escape("disable_lora: 8 LoRA module(s) are merged"))
+        assert_raised(r["double_unmerge"],
+                      re.escape("unmerge_lora_weights: 8 LoRA module(s) are not merged"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stream_yields_merged_base_names_without_touching_the_model(cases, layout):
     for rank in cases:
         r = rank[layout]
-        assert r["stream_names"] and r["stream_untouched"]
-        assert r["merged_equals_stream"] and r["stream_after_merge_is_weights"]
+        assert sorted(r["stream"]) == sorted(r["base"])
+        assert_same(r["after_stream"], r["base"], "weights after streaming")
+        assert_same(r["merged"], r["stream"], "merged weights vs the stream")
+        assert_same(r["stream_after_merge"], r["merged"], "stream of the merged model")
 
 
 def test_tp2_merged_shards_are_slices_of_the_tp1_merge(cases):
@@ -127,9 +128,11 @@ def test_tp2_merged_shards_are_slices_of_the_tp1_merge(cases):
 def test_disable_lora_is_the_base_model_and_nests(cases, layout):
     for rank in cases:
         r = rank[layout]
-        assert r["disabled_is_base"] and r["nested_still_base"]
+        assert_same(*r["disabled"], "logits inside disable_lora vs the plain model")
+        assert_same(*r["nested"], "logits inside nested disable_lora vs the plain model")
+        assert_raised(r["raised_inside"], "inside")  # disable_lora lets the error through
         assert r["restored"] == 0.0
-        assert "inside disable_lora" in r["merge_disabled"]
+        assert_raised(r["merge_disabled"], re.escape("inside disable_lora"))
 
 
 def bf16_round_trip():

@@ -261,5 +261,6 @@ def test_expert_layout_is_a_config_field_a_flag_and_absent_from_old_headers():
     old_geometry = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         kv_channels=16, ffn_hidden_size=96, gated_linear_unit=True)
     assert Geometry.from_dict(old_geometry).num_moe_experts is None
-    with pytest.raises(ValueError, match="num_moe_experts .* and moe_ffn_hidden_size .* go together"):
+    with pytest.raises(ValueError,
+                       match="num_moe_experts .* and moe_ffn_hidden_size .* go together"):
         Geometry(**old_geometry, num_moe_experts=4)

@@ -3,6 +3,7 @@ TP=2 and exported is what PEFT computes on the HF model; a PEFT adapter imported
 at TP=1 and TP=2 is what the PEFT model computes."""
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 
 from support import hf_llama
 from support import peft_cases
+from support.compare import assert_same
+from support.outcomes import assert_raised
 from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, True), (1, False)]
@@ -68,8 +71,7 @@ def test_offline_export_equals_live_export(exported, tmp_path):
     live = load_file(out / "peft_live" / "adapter_model.safetensors")
     offline = load_file(tmp_path / "offline" / "adapter_model.safetensors")
     assert live.keys() == offline.keys()
-    for key, tensor in live.items():
-        assert torch.equal(tensor, offline[key]), key
+    assert_same(offline, live, "offline export vs live export")
     assert (out / "peft_live" / "adapter_config.json").read_text() == \
         (tmp_path / "offline" / "adapter_config.json").read_text()
 
@@ -134,10 +136,12 @@ def test_bad_peft_adapters_are_named_and_leave_the_model_untouched(peft_adapters
     (errors,) = run_on_ranks(peft_cases.bad_imports, world_size=1,
                              args=({"geometry": str(wrong_geometry), "unknown": str(unknown),
                                     "missing": str(tmp_path / "nowhere")},))
-    assert f"{key} has shape [80, 4], the model needs [64, 4]" in errors["geometry"]
-    assert "model.embed_tokens.lora_A.weight" in errors["unknown"]
-    assert "nowhere is not a directory" in errors["missing"]
-    assert errors["untouched"] and errors["lora_count"] == 16
+    assert_raised(errors["geometry"],
+                  re.escape(f"{key} has shape [80, 4], the model needs [64, 4]"))
+    assert_raised(errors["unknown"], re.escape("model.embed_tokens.lora_A.weight"))
+    assert_raised(errors["missing"], "nowhere is not a directory")
+    assert_same(*errors["state"], "model state after the refused imports")  # same keys too
+    assert errors["lora_count"] == 16
 
 
 def test_unknown_architecture_is_refused(exported, tmp_path):

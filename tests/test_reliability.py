@@ -9,6 +9,7 @@ after; the tests judge.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -24,20 +25,13 @@ from lora_common.atomic import atomic_write_bytes, remove_stale_temporaries
 from lora_common.peft_files import ADAPTER_CONFIG_FILE, read_peft_adapter
 from megatron_lora.runtime.launch import run_on_ranks
 from support import fsdp_llama, lora_helpers, tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 
 
 # --- evidence ---------------------------------------------------------------------------------
-
-
-def attempt(fn) -> dict:
-    """Run `fn`; return what it raised (type and message), or that it returned."""
-    try:
-        fn()
-    except Exception as error:  # noqa: BLE001 - the test asserts which one it must be
-        return {"raised": type(error).__name__, "message": str(error)}
-    return {"raised": None, "message": ""}
 
 
 def files(folder: Path) -> dict[str, str]:
@@ -50,22 +44,21 @@ def params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def observe(fn, model, folder: Path) -> dict:
-    """`attempt(fn)` with the model's parameters and the folder's files before and after."""
+def observe(call, model, folder: Path) -> dict:
+    """What `call()` raised (any error: the test says which one it must be), with the model's
+    parameters and the folder's files before and after."""
     before, hashes = params(model), files(folder)
-    outcome = attempt(fn)
-    return {**outcome, "params_before": before, "params_after": params(model),
+    result = outcome(Exception, call)
+    return {"outcome": result, "params_before": before, "params_after": params(model),
             "files_before": hashes, "files_after": files(folder)}
 
 
 def assert_refused(seen: dict, error: str, match: str) -> None:
     """The call raised `error` with a message matching `match` and changed nothing."""
-    assert seen["raised"] == error, f"expected {error}, got {seen['raised']}: {seen['message']}"
-    assert re.search(match, seen["message"]), seen["message"]
+    assert_raised(seen["outcome"], match)
+    assert seen["outcome"].error == error, seen["outcome"]
     assert seen["files_after"] == seen["files_before"], "files on disk changed"
-    assert seen["params_after"].keys() == seen["params_before"].keys()
-    for name, value in seen["params_before"].items():
-        torch.testing.assert_close(seen["params_after"][name], value, rtol=0, atol=0, msg=name)
+    assert_same(seen["params_after"], seen["params_before"], "the model's parameters")
 
 
 # --- the Megatron cases, in one rank ----------------------------------------------------------
@@ -116,7 +109,7 @@ def megatron_cases(tmp: str) -> dict:
 
     # 4. Inputs that used to be reinterpreted.
     plain = tiny_gpt.build_gpt()
-    seen["config_mapping"] = attempt(lambda: ml.apply_lora_to_megatron_model(
+    seen["config_mapping"] = outcome(Exception, lambda: ml.apply_lora_to_megatron_model(
         tiny_gpt.build_gpt(), {"r": 8, "alpha": 16}))
     built = ml.apply_lora_to_megatron_model(tiny_gpt.build_gpt(), {"r": 8, "alpha": 16})
     seen["config_mapping_r"] = ml.get_lora_parameters(built)[
@@ -126,25 +119,23 @@ def megatron_cases(tmp: str) -> dict:
     excluded = LoRAConfig(r=4, alpha=8, exclude_modules=["linear_fc3"])
     seen["exclude_posthoc"] = observe(
         lambda: ml.apply_lora_to_megatron_model(plain, excluded), plain, folder)
-    seen["exclude_spec"] = attempt(lambda: ml.lora_spec(tiny_gpt.local_spec(), excluded))
+    seen["exclude_spec"] = outcome(Exception, ml.lora_spec, tiny_gpt.local_spec(), excluded)
     out_of_range = LoRAConfig(r=4, alpha=8, exclude_modules=["decoder.layers.7.mlp.linear_fc1"])
-    seen["exclude_layer"] = attempt(lambda: tiny_gpt.build_gpt(
+    seen["exclude_layer"] = outcome(Exception, lambda: tiny_gpt.build_gpt(
         ml.lora_spec(tiny_gpt.local_spec(), out_of_range)))
     wrapped = DistributedDataParallel(plain.config, DistributedDataParallelConfig(), plain)
     seen["apply_ddp"] = observe(
         lambda: ml.apply_lora_to_megatron_model(wrapped, CONFIG), plain, folder)
     seen["apply_ddp_inner"] = observe(
         lambda: ml.apply_lora_to_megatron_model(wrapped.module, CONFIG), plain, folder)
-    import argparse
-
     args = ml.add_lora_arguments(argparse.ArgumentParser()).parse_args(
         ["--lora-base-spec", "support.tiny_gpt", "no_such_fn"])
-    seen["base_spec"] = attempt(lambda: ml.get_gpt_lora_spec(args, plain.config))
+    seen["base_spec"] = outcome(Exception, ml.get_gpt_lora_spec, args, plain.config)
     # The same targets in another order are the same config, so the checkpoint loads.
     reordered = lora_model(LoRAConfig(r=4, alpha=8, target_modules=[
         "linear_qkv", "linear_fc2", "linear_proj", "linear_fc1", "linear_qkv"]))
-    seen["reordered_targets"] = attempt(
-        lambda: ml.load_lora_checkpoint(reordered, folder / "adapter.safetensors"))
+    seen["reordered_targets"] = outcome(
+        Exception, ml.load_lora_checkpoint, reordered, folder / "adapter.safetensors")
     return seen
 
 
@@ -189,25 +180,23 @@ def test_a_checkpoint_of_another_geometry_is_refused_before_anything_loads(megat
 
 def test_inputs_are_never_silently_reinterpreted(megatron_seen):
     s = megatron_seen
-    assert s["config_mapping"]["raised"] is None and s["config_mapping_r"] == 8
+    assert s["config_mapping"].kind == "returned" and s["config_mapping_r"] == 8
     assert_refused(s["config_object"], "TypeError",
                    r"apply_lora_to_megatron_model: expected a LoRAConfig, .* got object")
     targets = "linear_fc1, linear_fc2, linear_proj, linear_qkv"
     assert_refused(s["exclude_posthoc"], "ValueError",
                    rf"exclude_modules entry 'linear_fc3' matches no LoRA module: the adapted "
                    rf"modules are {targets}, named decoder.layers.<0..1>")
-    assert s["exclude_spec"]["raised"] == "ValueError"
-    assert "exclude_modules entry 'linear_fc3' matches no LoRA module" in s["exclude_spec"]["message"]
-    assert s["exclude_layer"]["raised"] == "ValueError"
-    assert "'decoder.layers.7.mlp.linear_fc1' matches no LoRA module" in s["exclude_layer"]["message"]
-    assert "decoder.layers.<0..1>" in s["exclude_layer"]["message"]
+    assert_raised(s["exclude_spec"], "exclude_modules entry 'linear_fc3' matches no LoRA module")
+    assert_raised(s["exclude_layer"], r"'decoder.layers.7.mlp.linear_fc1' matches no LoRA module.*"
+                                      r"decoder.layers.<0..1>")
+    assert s["exclude_spec"].error == s["exclude_layer"].error == "ValueError"
     assert_refused(s["apply_ddp"], "ValueError", r"already wrapped in Megatron DDP")
     assert_refused(s["apply_ddp_inner"], "ValueError",
                    r"already wrapped in Megatron DDP \(parameter '.*' has a DDP main_grad\)")
-    assert s["base_spec"] == {"raised": "ValueError", "message":
-                              "--lora-base-spec support.tiny_gpt no_such_fn: module "
-                              "'support.tiny_gpt' has no 'no_such_fn'"}
-    assert s["reordered_targets"]["raised"] is None, s["reordered_targets"]["message"]
+    assert s["base_spec"] == ("raised", "ValueError", "--lora-base-spec support.tiny_gpt "
+                              "no_such_fn: module 'support.tiny_gpt' has no 'no_such_fn'")
+    assert s["reordered_targets"].kind == "returned", s["reordered_targets"]
 
 
 def test_target_lists_are_type_checked_deduplicated_and_order_free():

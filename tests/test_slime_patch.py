@@ -22,6 +22,8 @@ import torch
 
 from support import lora_helpers
 from support import tiny_gpt
+from support.compare import assert_same, identity
+from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
@@ -33,6 +35,7 @@ SLIME_MIRROR = Path(os.environ.get("SLIME_MIRROR", "/work/.mirror/THUDM+slime/re
 CLAIMED_FILES = {
     "slime/utils/arguments.py",
     "slime/backends/megatron_utils/actor.py",
+    "slime/backends/megatron_utils/checkpoint.py",
     "slime/backends/megatron_utils/update_weight/update_weight_from_distributed.py",
     "slime/backends/megatron_utils/update_weight/hf_weight_iterator_direct.py",
     "slime/backends/megatron_utils/hf_checkpoint_saver.py",
@@ -163,7 +166,8 @@ def test_every_megatron_lora_name_exists_and_every_call_binds(patch_files):
             seen.add(name)
     # The verbs the patch is built around.
     assert {"add_lora_arguments", "custom_megatron_init", "disable_lora", "merged_weights",
-            "iter_merged_tensors", "is_lora_parameter", "save_lora_checkpoint"} <= seen
+            "iter_merged_tensors", "is_lora_parameter", "save_lora_checkpoint",
+            "allow_missing_adapters"} <= seen
 
 
 def test_no_adapter_name_is_matched_by_hand(patch_files):
@@ -215,11 +219,7 @@ def _errors(model, plain):
     errors = {}
 
     def error_of(fn):
-        try:
-            fn()
-        except (ValueError, RuntimeError, KeyError) as error:
-            return f"{type(error).__name__}: {error}"
-        return None
+        return outcome((ValueError, RuntimeError, KeyError), fn)
 
     qkv_B = next(n for n in live if n.endswith("linear_qkv.lora_B.weight"))
     errors["missing_B"] = error_of(lambda: merged_weights(
@@ -239,12 +239,12 @@ def _errors(model, plain):
     with disable_lora(model):
         errors["disabled"] = error_of(lambda: merged_weights(live, model))
 
+    # Without LoRA both forms hand back what they were given: the same objects.
     plain_live = _slime_names(plain)
-    errors["plain_is_passthrough"] = merged_weights(plain_live, plain) is plain_live
+    errors["plain_view"] = (identity(merged_weights(plain_live, plain)), identity(plain_live))
     streamed = list(iter_merged_tensors(iter(plain_live.items()), plain))
-    errors["plain_stream_is_passthrough"] = (
-        [n for n, _ in streamed] == list(plain_live)
-        and all(t is plain_live[n] for n, t in streamed))
+    errors["plain_stream"] = ([(n, identity(t)) for n, t in streamed],
+                              [(n, identity(t)) for n, t in plain_live.items()])
     errors["rule"] = [is_lora_parameter(n) for n in (
         "a.linear_qkv.lora_A.weight", "lora_B.weight", "a.linear_qkv.weight",
         "a.lora_A.weight.x", "a.xlora_A.weight", "a.lora_C.weight")]
@@ -266,18 +266,21 @@ def weight_sync_cases():
         r = {}
 
         view = merged_weights(live, model)
-        base_names = [n for n in live if ".lora_" not in n]
-        r["names"] = list(view) == base_names == list(reference)
-        r["contains"] = all(n in view for n in base_names) and not any(
-            n in view for n in live if ".lora_" in n)
-        r["bit_exact"] = all(torch.equal(view[n], t) for n, t in reference.items())
-        r["merged_count"] = len(view.adapters)
-        r["differs_from_base"] = sum(not torch.equal(view[n], before[n]) for n in view.adapters)
+        r["names"] = (list(view), [n for n in live if ".lora_" not in n], list(reference))
+        r["contained"] = [n for n in live if n in view]  # asked for every name, adapters too
+        values = {n: view[n] for n in view}  # the view merges on each access: once per name
+        # clones: a name without an adapter is the live tensor, which later cases change
+        r["view"] = {n: t.detach().clone() for n, t in values.items()}
+        r["reference"] = reference
+        r["adapters"] = list(view.adapters)
+        r["before"] = before
         # The merged shard carries its base weight's layout, so a gather that reads the
         # attributes off the tensor it is handed (as slime's all_gather_param does) works.
-        r["layout"] = all(
-            getattr(view[n], a) == getattr(live[n], a)
-            for n in view.adapters for a in LAYOUT_ATTRIBUTES if hasattr(live[n], a))
+        r["layout"] = {n: ({a: getattr(values[n], a, "absent") for a in LAYOUT_ATTRIBUTES
+                            if hasattr(live[n], a)},
+                           {a: getattr(live[n], a) for a in LAYOUT_ATTRIBUTES
+                            if hasattr(live[n], a)})
+                       for n in view.adapters}
         group = lora_helpers.tp_group()
         from megatron_lora.layers import sharding
         r["full"] = {n[len("module.module."):]: sharding.full_tensor(view[n], group)
@@ -286,13 +289,12 @@ def weight_sync_cases():
         # A CPU copy without attributes (slime's backup), merged on a given device.
         backup = {n: p.detach().clone() for n, p in live.items()}
         copy_view = merged_weights(backup, model, device="cpu")
-        r["backup_equal"] = all(torch.equal(copy_view[n], t) for n, t in reference.items())
+        r["backup_view"] = {n: copy_view[n].detach().clone() for n in reference}
         # The stream form: same names and values, same order.
-        streamed = list(iter_merged_tensors(iter(live.items()), model))
-        r["stream_equal"] = ([n for n, _ in streamed] == list(reference)
-                             and all(torch.equal(t, reference[n]) for n, t in streamed))
-        r["untouched"] = all(torch.equal(p, before[n]) for n, p in live.items())
-        r["no_grad"] = all(not view[n].requires_grad for n in view.adapters)
+        r["streamed"] = [(n, t.detach().clone())
+                         for n, t in iter_merged_tensors(iter(live.items()), model)]
+        r["after"] = {n: p.detach().clone() for n, p in live.items()}
+        r["requires_grad"] = [n for n in view.adapters if values[n].requires_grad]
 
         if (tp, sp) == (1, False):
             plain = tiny_gpt.build_gpt()
@@ -310,12 +312,26 @@ def cases():
 def test_view_has_exactly_the_base_names_and_the_merged_values(cases, layout):
     for rank in cases:
         r = rank[layout]
-        assert r["names"] and r["contains"]
-        assert r["bit_exact"], "the view must equal iter_merged_weights bit for bit"
-        assert r["merged_count"] == 2 * 4  # 2 layers x qkv, proj, fc1, fc2
-        assert r["differs_from_base"] == 2 * 4  # B != 0: every delta reaches the engine
-        assert r["layout"] and r["no_grad"] and r["untouched"]
-        assert r["backup_equal"] and r["stream_equal"]
+        view_names, base_names, reference_names = r["names"]
+        assert view_names == base_names == reference_names
+        assert r["contained"] == base_names
+        # the view must equal iter_merged_weights bit for bit
+        for name, value in r["reference"].items():
+            assert_same(r["view"][name], value, f"view {name}")
+        adapters = r["adapters"]
+        assert len(adapters) == 2 * 4  # 2 layers x qkv, proj, fc1, fc2
+        # B != 0: every delta reaches the engine
+        unchanged = [n for n in adapters if torch.equal(r["view"][n], r["before"][n])]
+        assert unchanged == []
+        for name, (view_layout, live_layout) in r["layout"].items():
+            assert view_layout == live_layout, name
+        assert r["requires_grad"] == []
+        assert_same(r["after"], r["before"], "live parameters after the view and the stream")
+        for name, value in r["reference"].items():
+            assert_same(r["backup_view"][name], value, f"view of the CPU copy {name}")
+        assert [n for n, _ in r["streamed"]] == list(r["reference"])
+        for name, value in r["streamed"]:
+            assert_same(value, r["reference"][name], f"stream {name}")
 
 
 def test_tp2_gathered_view_equals_the_tp1_merge(cases):
@@ -329,16 +345,22 @@ def test_tp2_gathered_view_equals_the_tp1_merge(cases):
 
 def test_bad_input_is_named(cases):
     errors = cases[0][(1, False)]["errors"]
-    assert "linear_qkv.lora_A.weight has no" in errors["missing_B"]
-    assert "linear_qkv.lora_B.weight" in errors["missing_B"]
-    assert "linear_fc2.weight" in errors["bad_shape"] and "cannot take" in errors["bad_shape"]
-    assert errors["adapter_key"].startswith("KeyError") and "folded" in errors["adapter_key"]
-    assert "no LoRA module" in errors["adapters_without_lora"]
-    assert "no LoRA module" in errors["stream_without_lora"]
-    assert "pair 4 adapter(s)" in errors["fewer_pairs"] and "8 LoRA module(s)" in errors["fewer_pairs"]
-    assert "merged_weights: 8 LoRA module(s) are merged" in errors["merged"]
-    assert "inside disable_lora" in errors["disabled"]
-    assert errors["plain_is_passthrough"] and errors["plain_stream_is_passthrough"]
+    assert_raised(errors["missing_B"], re.escape("linear_qkv.lora_A.weight has no"))
+    assert_raised(errors["missing_B"], re.escape("linear_qkv.lora_B.weight"))
+    assert_raised(errors["bad_shape"], re.escape("linear_fc2.weight"))
+    assert_raised(errors["bad_shape"], "cannot take")
+    assert errors["adapter_key"].error == "KeyError"
+    assert_raised(errors["adapter_key"], "folded")
+    assert_raised(errors["adapters_without_lora"], "no LoRA module")
+    assert_raised(errors["stream_without_lora"], "no LoRA module")
+    assert_raised(errors["fewer_pairs"], re.escape("pair 4 adapter(s)"))
+    assert_raised(errors["fewer_pairs"], re.escape("8 LoRA module(s)"))
+    assert_raised(errors["merged"], re.escape("merged_weights: 8 LoRA module(s) are merged"))
+    assert_raised(errors["disabled"], "inside disable_lora")
+    view, given = errors["plain_view"]
+    assert view == given  # the very dict it was given
+    streamed, given = errors["plain_stream"]
+    assert streamed == given  # the same names in order, each the very tensor it was given
     assert errors["rule"] == [True, True, False, False, False, False]
 
 

@@ -1,11 +1,14 @@
 """The spec API (`lora_spec`, `get_gpt_lora_spec`, slime's init hook) and bad input."""
 
 import argparse
+import re
 
 import pytest
 import torch
 
 from support import tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig, add_lora_arguments
 from megatron_lora.runtime.launch import run_on_ranks
 
@@ -107,7 +110,7 @@ def test_custom_megatron_init_points_slime_at_the_lora_spec():
     args = lora_args("--use-lora")
     custom_megatron_init(args)
     assert args.spec == ["megatron_lora", "get_gpt_lora_spec"]
-    assert args.only_train_params_name_list == [r"\.lora_[AB]\.weight$"]
+    assert args.only_train_params_name_list == [r"(?:^|\.)lora_([AB])\.weight$"]
 
     args = lora_args("--use-lora", "--no-lora-only-trainable", "--spec", "pkg.mod", "fn")
     custom_megatron_init(args)
@@ -129,29 +132,25 @@ def posthoc_cases():
     out = {}
     model = tiny_gpt.build_gpt()
     for name, targets in [("unknown", ["linear_qkvv"]), ("unsupported", ["word_embeddings"])]:
-        try:
-            apply_lora_to_megatron_model(model, LoRAConfig(target_modules=targets))
-        except ValueError as error:
-            out[name] = str(error)
-    out["untouched_after_errors"] = not get_lora_parameters(model)
+        out[name] = outcome(ValueError, apply_lora_to_megatron_model, model,
+                            LoRAConfig(target_modules=targets))
+    out["lora_after_errors"] = sorted(get_lora_parameters(model))
 
     apply_lora_to_megatron_model(model, CONFIG)
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     apply_lora_to_megatron_model(model, CONFIG)  # same config: a no-op
-    out["idempotent"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    try:
-        apply_lora_to_megatron_model(model, LoRAConfig(r=8))
-    except ValueError as error:
-        out["second_config"] = str(error)
-    out["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad) \
-        == sorted(get_lora_parameters(model))
+    after = model.state_dict()
+    out["reapplied"] = ({k: after[k].clone() for k in before}, before)
+    out["second_config"] = outcome(ValueError, apply_lora_to_megatron_model, model,
+                                   LoRAConfig(r=8))
+    out["trainable"] = (sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                        sorted(get_lora_parameters(model)))
 
     # Excluding one module by its path: both routes skip exactly that one.
     excluded = LoRAConfig(r=4, exclude_modules=["decoder.layers.1.mlp.linear_fc2"])
     spec_names = set(get_lora_parameters(tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), excluded))))
     posthoc_names = set(get_lora_parameters(apply_lora_to_megatron_model(tiny_gpt.build_gpt(), excluded)))
-    out["excluded"] = (spec_names == posthoc_names, len(spec_names),
-                       any("layers.1.mlp.linear_fc2" in n for n in spec_names))
+    out["excluded"] = (sorted(spec_names), sorted(posthoc_names))
 
     # MoE: --num-experts builds the MoE decoder block spec (local SequentialMLP experts),
     # every layer carries LoRA, and B = 0 is still the base model.
@@ -166,22 +165,29 @@ def posthoc_cases():
     plain = tiny_gpt.build_gpt(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
                                config=config)
     lora = tiny_gpt.build_gpt(block, config=config)
-    out["moe_b0"] = torch.equal(tiny_gpt.logits(plain), tiny_gpt.logits(lora))
+    plain_logits = tiny_gpt.logits(plain)
+    out["moe_b0"] = (tiny_gpt.logits(lora), plain_logits)
     out["moe_expert_adapters"] = sum("local_experts" in n for n in get_lora_parameters(lora))
     return out
 
 
 def test_posthoc_route_bad_input_idempotence_exclusion_and_moe():
     out, = run_on_ranks(posthoc_cases, world_size=1)
-    assert "['linear_qkvv'] match no module" in out["unknown"] and "'linear_qkv'" in out["unknown"]
-    assert "'embedding.word_embeddings' is a VocabParallelEmbedding" in out["unsupported"]
-    assert out["untouched_after_errors"]
-    assert out["idempotent"]
-    assert "already carries LoRA with another config" in out["second_config"]
-    assert out["trainable"]
-    assert out["excluded"] == (True, 2 * 4 * 2 - 2, False)
+    assert_raised(out["unknown"], re.escape("['linear_qkvv'] match no module"))
+    assert_raised(out["unknown"], re.escape("'linear_qkv'"))
+    assert_raised(out["unsupported"],
+                  re.escape("'embedding.word_embeddings' is a VocabParallelEmbedding"))
+    assert out["lora_after_errors"] == []  # the refused calls left the model untouched
+    assert_same(*out["reapplied"], "state after applying the same config again")
+    assert_raised(out["second_config"], "already carries LoRA with another config")
+    trainable, lora = out["trainable"]
+    assert trainable == lora
+    spec_names, posthoc_names = out["excluded"]
+    assert spec_names == posthoc_names
+    assert len(spec_names) == 2 * 4 * 2 - 2
+    assert [n for n in spec_names if "layers.1.mlp.linear_fc2" in n] == []
     assert out["moe_layers"] == ["LoRATransformerLayer"] * 2
-    assert out["moe_b0"]
+    assert_same(*out["moe_b0"], "MoE logits with B = 0 vs the plain MoE model")
     assert out["moe_expert_adapters"] == 2 * 4 * 2 * 2  # layers x experts x (fc1, fc2) x (A, B)
 
 

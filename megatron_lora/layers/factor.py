@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_lora.layers.sharded_state import NOT_IN_CHECKPOINT
+
 
 class LoRAFactor(torch.nn.Module):
     """A (`[r, in]`) or B (`[out, r]`) of a LoRA linear: this rank's shard, no forward.
@@ -26,6 +28,12 @@ class LoRAFactor(torch.nn.Module):
         """The matrix each of `count` experts uses: this one, shared."""
         return [self.weight] * count
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dist checkpoint without this adapter (`sharded_state.NOT_IN_CHECKPOINT`): leave it
+        # as it is, reported as a missing key, as an adapter absent from the state dict is.
+        state_dict = _without_absent(state_dict, [f"{prefix}weight"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class LoRAExpertFactors(torch.nn.Module):
     """A or B of each local expert of a grouped linear (`weight<i>`, expert i's matrix)."""
@@ -40,6 +48,11 @@ class LoRAExpertFactors(torch.nn.Module):
         assert count == self.count
         return [getattr(self, f"weight{i}") for i in range(self.count)]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # As LoRAFactor's: an expert's matrix the dist checkpoint does not hold stays as it is.
+        state_dict = _without_absent(state_dict, [f"{prefix}weight{i}" for i in range(self.count)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 @dataclass(frozen=True)
 class AdapterPair:
@@ -52,3 +65,9 @@ class AdapterPair:
     B: torch.Tensor
     a_name: str
     b_name: str
+
+
+def _without_absent(state_dict, keys):
+    """`state_dict` less the `keys` a dist-checkpoint load marked NOT_IN_CHECKPOINT."""
+    absent = {key for key in keys if state_dict.get(key) is NOT_IN_CHECKPOINT}
+    return {k: v for k, v in state_dict.items() if k not in absent} if absent else state_dict

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from lora_common.init import initial_lora_A
@@ -35,6 +35,7 @@ from megatron_lora.layers.expert import (
 from megatron_lora.layers.factor import AdapterPair, LoRAExpertFactors, LoRAFactor
 from megatron_lora.layers.grouped_matmul import grouped_lora_output
 from megatron_lora.layers.parallel_linear import LoRAParallelLinear
+from megatron_lora.layers.sharded_state import swiglu_factory_tolerating_absence
 from megatron_lora.layers.sharding import COLUMN, ROW
 
 
@@ -157,12 +158,14 @@ class LoRAGroupedLinear(LoRAParallelLinear):
 
     # ----- dist checkpointing -------------------------------------------------------------
 
-    def lora_sharded_state(self, prefix, sharded_offsets, metadata, dp_cp_group) -> dict:
+    def lora_sharded_state(self, prefix, sharded_offsets, metadata) -> dict:
         """Each expert's matrices as the base grouped linear describes its `weight<i>`: an
         expert axis at global index `ep_rank * E_l + i`, the TP split, the expert-data-parallel
         replica id; fc1's B through the SwiGLU factory. A shared matrix has no expert axis and
         is replicated over EP too."""
         singleton = metadata.get("singleton_local_shards", False)
+        dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True)
         family, pg = self.lora_family, self._pg_collection
         ep, edp = pg.ep, pg.expt_dp
         total, axis = ep.size() * self.num_gemms, len(sharded_offsets)
@@ -192,7 +195,7 @@ class LoRAGroupedLinear(LoRAParallelLinear):
                 tensor = sub[f"{matrix}.weight"]
                 tensor.replica_id = (*tensor.replica_id[:2], edp.rank())
                 if swiglu and matrix == sharding.B:
-                    tensor = apply_swiglu_sharded_factory(tensor, offsets, singleton)
+                    tensor = swiglu_factory_tolerating_absence(tensor, offsets, singleton)
                 state[f"{prefix}{matrix}.weight{i}"] = tensor
         return state
 

@@ -8,11 +8,11 @@ A LoRA linear *is* its base class (same constructor, same `weight`/`bias` names,
     lora_A.weight  [r, in]     lora_B.weight  [out, r]     y = W x + scaling * B A x
 
 `LoRAParallelLinear` holds what every family shares: the adapter parameters with Megatron's TP
-attributes, their init, merge and unmerge, the dist-checkpoint description and the adapter's
-forward. Which matrix is split where is the family's (`sharding.py`); the one collective on the
-`[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire the adapter into
-the forward of megatron-core's local linears; `te_linear.py` does the same for its Transformer
-Engine wrappers, `grouped_linear.py` for its grouped (MoE) linears.
+attributes, their init, merge and unmerge, the dist-checkpoint description (`sharded_state.py`)
+and the adapter's forward. Which matrix is split where is the family's (`sharding.py`); the one
+collective on the `[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire
+the adapter into the forward of megatron-core's local linears; `te_linear.py` does the same for
+its Transformer Engine wrappers, `grouped_linear.py` for its grouped (MoE) linears.
 
 An expert linear of megatron-core's `SequentialMLP` is one of these too; the layer's placement
 tells it so (`configure_expert`), and from then on it follows the expert rule (`expert.py`): no
@@ -31,8 +31,6 @@ from megatron.core.tensor_parallel import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from lora_common import LoRAConfig
 from lora_common.delta import lora_delta, merged_value
@@ -49,6 +47,7 @@ from megatron_lora.layers.expert import (
 )
 from megatron_lora.layers.factor import AdapterPair, LoRAFactor
 from megatron_lora.layers.functional import accumulate_lora_output, is_te_quantized, merged_shard
+from megatron_lora.layers.sharded_state import adapter_sharded_state
 from megatron_lora.layers.sharding import COLUMN, ROW, Family
 from megatron_lora.targets import target_path
 
@@ -213,39 +212,24 @@ class LoRAParallelLinear(LoRAState):
     # ----- dist checkpointing -------------------------------------------------------------
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """The base class's sharded state dict, with the adapters described by their own split:
-        the base maps only `weight`/`bias` and would save the split matrix as if replicated,
-        keeping one rank's shard and silently dropping the others.
-
-        Refused while merged: W then holds the delta, and a checkpoint of W beside the adapters
-        would reload as the delta applied twice (and loading into it would keep the old one)."""
+        """The base class's sharded state dict plus the adapters, each described with its own
+        split (`sharded_state.py`). Refused while merged: W then holds the delta, and a
+        checkpoint of W beside the adapters would reload as the delta applied twice (and
+        loading into it would keep the old one)."""
         if self.lora_merged:
             raise RuntimeError(f"{prefix.rstrip('.') or type(self).__name__}: LoRA is merged into "
                                f"the weight; a checkpoint would reload with the delta applied "
                                f"twice: unmerge_lora_weights first")
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        metadata = metadata or {}
-        dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
-            with_context_parallel=True)
-        state.update(self.lora_sharded_state(prefix, sharded_offsets, metadata, dp_cp_group))
+        state.update(self.lora_sharded_state(prefix, sharded_offsets, metadata or {}))
         return state
 
-    def lora_sharded_state(self, prefix, sharded_offsets, metadata, dp_cp_group) -> dict:
-        """The adapter's sharded tensors (A and B with the family's split). Inside a
-        `SequentialMLP` expert the container adds the expert axis and the expert-data-parallel
-        replica id, as it does for the base weight."""
-        adapters = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        family = self.lora_family
-        adapter_state = make_sharded_tensors_for_checkpoint(
-            adapters, prefix, {f"{family.split}.weight": family.split_dim}, sharded_offsets,
-            tp_group=self.lora_tp_group, dp_cp_group=dp_cp_group)
-        if getattr(self.lora_B.weight, "partition_stride", 1) == 2:
-            # SwiGLU fc1: each rank holds [gate_i; up_i]; Megatron's factory saves the two
-            # halves as separate global tensors, as MLP does for fc1's weight.
-            key = f"{prefix}lora_B.weight"
-            adapter_state[key] = apply_swiglu_sharded_factory(
-                adapter_state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
-        return adapter_state
+    def lora_sharded_state(self, prefix, sharded_offsets, metadata) -> dict:
+        """The adapter's sharded tensors (A and B with the family's split, `sharded_state.py`).
+        Inside a `SequentialMLP` expert the container adds the expert axis and the
+        expert-data-parallel replica id, as it does for the base weight; a grouped linear
+        overrides this with one entry per expert."""
+        return adapter_sharded_state(self, prefix, sharded_offsets, metadata)
 
     # ----- forward ----------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Test support code that is not a test: harnesses and helpers the test modules import."""

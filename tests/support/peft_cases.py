@@ -7,6 +7,7 @@ import torch
 
 from support import hf_llama
 from support import lora_helpers
+from support.outcomes import outcome
 from lora_common import LoRAConfig
 
 CONFIG = LoRAConfig(r=4, alpha=8)
@@ -69,21 +70,18 @@ def import_and_compare(adapter_dirs: list[str], layouts):
 
 
 def bad_imports(adapter_dirs: dict[str, str]):
-    """Each bad PEFT adapter raises naming its culprit and leaves the model as it was."""
+    """Import each bad PEFT adapter (each should raise naming its culprit); return what each
+    import did and the model's state before and after."""
     from megatron_lora import get_lora_parameters, import_peft_adapter, lora_spec
 
     hf = hf_model()
     model = hf_llama.gpt_from_hf(hf, lora_spec(hf_llama.local_spec(hf.config), CONFIG))
     lora_helpers.set_nonzero_B(model)
     before = {n: p.detach().clone() for n, p in model.state_dict().items() if torch.is_tensor(p)}
-    errors = {}
-    for name, adapter_dir in adapter_dirs.items():
-        try:
-            import_peft_adapter(model, adapter_dir)
-        except (ValueError, FileNotFoundError) as error:
-            errors[name] = str(error)
-    after = {n: p for n, p in model.state_dict().items() if torch.is_tensor(p)}
-    errors["untouched"] = before.keys() == after.keys() and all(
-        torch.equal(v, after[n]) for n, v in before.items())
-    errors["lora_count"] = len(get_lora_parameters(model))
-    return errors
+    results = {name: outcome((ValueError, FileNotFoundError), import_peft_adapter, model,
+                             adapter_dir)
+               for name, adapter_dir in adapter_dirs.items()}
+    after = {n: p.detach().clone() for n, p in model.state_dict().items() if torch.is_tensor(p)}
+    results["state"] = (after, before)
+    results["lora_count"] = len(get_lora_parameters(model))
+    return results

@@ -68,9 +68,13 @@ def fp8_through_megatron_config(sp: bool):
         loss = tiny_gpt.loss(model)
         forward_stats = dict(emulation.stats)
         loss.backward()
-        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
-        result[recipe] = dict(loss=loss.item(), stats=forward_stats, grads_finite=grads_finite)
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        result[recipe] = dict(loss=loss.item(), stats=forward_stats, grads=grads)
     return result
+
+
+def _class_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def te_rng_tracker_streams():
@@ -85,7 +89,10 @@ def te_rng_tracker_streams():
         first = torch.rand(4)
     with tracker.fork():
         second = torch.rand(4)
-    result = dict(is_te_tracker=isinstance(tracker, TECudaRNGStatesTracker), first=first,
+    # isinstance, by class name: unpickling the classes would import megatron's TE extension
+    # in the pytest process
+    result = dict(tracker_classes=[_class_name(cls) for cls in type(tracker).__mro__],
+                  te_tracker_class=_class_name(TECudaRNGStatesTracker), first=first,
                   second=second, default=torch.rand(4))
     model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
     return result

@@ -19,12 +19,16 @@ Emulated with TE's signatures and semantics (see each module's docstring for TE 
   rounded through torch.float8_e4m3fn (e5m2 for HYBRID grads) with a per-tensor current scale,
   whatever the recipe; the norm output returned by return_layernorm_output stays high precision.
 
+DotProductAttention also takes THD (packed sequences with cu_seqlens, as slime's actor packs
+its micro-batches), attending within each sequence.
+
 Not emulated (constructing or calling them raises NotImplementedError, or the module is absent
 so megatron falls back to its own path): FP8 primary weights (quantized_model_init /
 --fp8-param-gather), delayed scaling's amax history, MXFP8/blockwise block scales, FP8
-attention, Userbuffers comm overlap, delay_wgrad_compute, parameters_split, the `ops` fuser API (TEFusedMLP, TE activation ops), TE checkpointing/CPU offload/CUDA graphs,
-fused RoPE, TE optimizers and cross entropy, context parallelism, THD (packed) attention,
-sliding windows, the C++ extension `transformer_engine_torch`.
+attention, Userbuffers comm overlap, delay_wgrad_compute, parameters_split, the `ops` fuser API
+(TEFusedMLP, TE activation ops), TE checkpointing/CPU offload/CUDA graphs, fused RoPE, TE
+optimizers and cross entropy, context parallelism, sliding windows, the C++ extension
+`transformer_engine_torch`.
 """
 
 from importlib import metadata

@@ -7,8 +7,11 @@ Each rank holds `num_attention_heads / tp` query heads and `num_gqa_groups / tp`
 bshd; output [s, b, h * d] (sbhd) or [b, s, h * d] (bshd). Masks: "no_mask", "causal" (top-left
 aligned), "causal_bottom_right", "padding", "padding_causal", "arbitrary" (`attention_mask` True
 = masked out), plus a post-scale bias. Attention dropout runs under the RNG tracker's fork unless
-sequence parallel (as in TE). Not emulated: THD / packed sequences, sliding windows, context
-parallelism, FP8 attention, non-vanilla softmax, returning the max logit.
+sequence parallel (as in TE). THD (packed sequences, `cu_seqlens_q/kv` and their `_padded`
+offsets, as Megatron's `PackedSeqParams` passes them): each sequence attends within itself,
+causally for the causal mask types; tokens in the padding between sequences give zeros, as TE's
+zero-filled output. Not emulated: sliding windows, context parallelism, FP8 attention,
+non-vanilla softmax, returning the max logit.
 """
 
 from __future__ import annotations
@@ -121,13 +124,20 @@ class DotProductAttention(TransformerEngineBaseModule):
         num_splits: Optional[int] = 1,
     ) -> torch.Tensor:
         qkv_format = self.qkv_format if qkv_format is None else qkv_format
-        if qkv_format not in ("sbhd", "bshd") or cu_seqlens_q is not None:
-            raise NotImplementedError("only sbhd/bshd attention without cu_seqlens is emulated")
+        if qkv_format not in ("sbhd", "bshd", "thd"):
+            raise NotImplementedError(f"qkv_format {qkv_format!r} is not emulated")
+        if (qkv_format == "thd") != (cu_seqlens_q is not None):
+            raise NotImplementedError("cu_seqlens are emulated with the thd format only")
         if inference_params is not None or alibi_slopes is not None:
             raise NotImplementedError("KV-cache inference and ALiBi are not emulated")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         mask_type = mask_type.replace(",", "_")
         self._check_window(window_size)
+        if qkv_format == "thd":
+            if core_attention_bias_type != "no_bias":
+                raise NotImplementedError("attention bias with thd is not emulated")
+            return self._thd(query_layer, key_layer, value_layer, mask_type, cu_seqlens_q,
+                             cu_seqlens_kv, cu_seqlens_q_padded, cu_seqlens_kv_padded)
         if qkv_format == "sbhd":  # compute in [b, h, s, d]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query_layer, key_layer, value_layer))
         else:
@@ -157,6 +167,41 @@ class DotProductAttention(TransformerEngineBaseModule):
         else:
             out = out.permute(0, 2, 1, 3)
         return out.reshape(*out.shape[:2], -1)
+
+    def _thd(self, query, key, value, mask_type, cu_q, cu_kv, cu_q_padded, cu_kv_padded):
+        """[t, h, d] packed sequences -> [t, h * d]."""
+        if mask_type not in ("padding", "padding_causal", "causal", "no_mask"):
+            raise NotImplementedError(f"{mask_type} with thd is not emulated")
+
+        def positions(cu, cu_padded, total):
+            """(sequence index, position in the sequence, valid) of each packed token."""
+            starts = (cu if cu_padded is None else cu_padded).tolist()
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            seq = torch.full((total,), -1, dtype=torch.long)
+            pos = torch.zeros(total, dtype=torch.long)
+            for i, (start, length) in enumerate(zip(starts[:-1], lengths)):
+                seq[start:start + length] = i
+                pos[start:start + length] = torch.arange(length)
+            return seq, pos, seq >= 0
+
+        q_seq, q_pos, q_valid = positions(cu_q, cu_q_padded, query.shape[0])
+        k_seq, k_pos, k_valid = positions(cu_kv, cu_kv_padded, key.shape[0])
+        allowed = (q_seq[:, None] == k_seq[None, :]) & q_valid[:, None] & k_valid[None, :]
+        if "causal" in mask_type:
+            allowed &= k_pos[None, :] <= q_pos[:, None]
+        q, k, v = (t.permute(1, 0, 2) for t in (query, key, value))  # [h, t, d]
+        groups = q.shape[0] // k.shape[0]
+        k = k.repeat_interleave(groups, dim=0)
+        v = v.repeat_interleave(groups, dim=0)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        scores = scores.masked_fill(~allowed.to(scores.device), -10000.0)
+        probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.to(scores.device), 0.0)
+        probs = probs.to(q.dtype)
+        if self.training and self.attention_dropout > 0:
+            with self.attention_dropout_ctx():
+                probs = torch.nn.functional.dropout(probs, p=self.attention_dropout)
+        out = torch.matmul(probs, v).permute(1, 0, 2)  # [t, h, d]
+        return out.reshape(out.shape[0], -1)
 
     @staticmethod
     def _mask(mask_type: str, attention_mask, sq: int, sk: int, device):

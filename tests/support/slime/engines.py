@@ -1,0 +1,136 @@
+"""The rollout side of slime's weight syncs, standing in for SGLang engines: each records the HF
+tensors it is sent, so a test can load them into HF transformers.
+
+slime calls engines as Ray actors (`engine.update_weights_from_tensor.remote(...)`, then
+`ray.get`); `RemoteCalls` gives a plain object that interface (the call runs at once, its result
+comes back through the stand-in `ray.get`). Only the calls each transport makes exist; anything
+else is an AttributeError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+class _Method:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args, **kwargs):
+        import ray
+
+        return ray.put(self._fn(*args, **kwargs))
+
+
+class RemoteCalls:
+    """`obj.name.remote(...)` for every public method `name` of a subclass."""
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if callable(value) and not name.startswith("_"):
+            return _Method(value)
+        return value
+
+
+class _Generation(RemoteCalls):
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def pause_generation(self):
+        self.calls.append("pause_generation")
+
+    def flush_cache(self):
+        self.calls.append("flush_cache")
+
+    def continue_generation(self):
+        self.calls.append("continue_generation")
+
+
+class ColocatedEngine(_Generation):
+    """`update_weights_from_tensor` as SGLang's colocated engine receives it: one serialized
+    flattened bucket per engine TP rank, in the training ranks' order."""
+
+    def __init__(self):
+        super().__init__()
+        self.received: list[dict[str, torch.Tensor]] = []  # per engine TP rank
+
+    def update_weights_from_tensor(self, serialized_named_tensors, load_format, weight_version):
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        assert load_format == "flattened_bucket", load_format
+        self.calls.append(f"update_weights_from_tensor v{weight_version}")
+        if not self.received:
+            self.received = [{} for _ in serialized_named_tensors]
+        for rank, payload in enumerate(serialized_named_tensors):
+            data = MultiprocessingSerializer.deserialize(payload)
+            bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"],
+                                           metadata=data["metadata"])
+            for name, tensor in bucket.reconstruct_tensors():
+                self.received[rank][name] = tensor.clone()
+
+
+class Lock(RemoteCalls):
+    """slime's rollout-engine lock (`slime/ray/utils.Lock`)."""
+
+    def acquire(self):
+        return True
+
+    def release(self):
+        return None
+
+
+class DeltaEngine(_Generation):
+    """SGLang's `/pull_weights` for `--update-weight-mode delta`: materialize the base from the
+    HF checkpoint (version 0), then apply each published version (zstd-compressed xor of the
+    bytes, checksum-verified) to it; `update_weights_from_disk` then reloads that checkpoint."""
+
+    def __init__(self, hf_checkpoint: str, delta_dir: str):
+        super().__init__()
+        self.hf_checkpoint, self.delta_dir = hf_checkpoint, delta_dir
+        self.state: dict[str, torch.Tensor] = {}
+        self.applied: list[int] = []
+
+    def pull_weights(self, target_version):
+        if target_version == 0:
+            from safetensors.torch import load_file
+
+            files = [f for f in os.listdir(self.hf_checkpoint) if f.endswith(".safetensors")]
+            for name in files:
+                self.state.update(load_file(os.path.join(self.hf_checkpoint, name)))
+            return True
+        import safetensors.numpy
+        import zstandard
+
+        from slime.utils.disk_delta import checksum
+
+        version_dir = os.path.join(self.delta_dir, f"weight_v{target_version:06d}")
+        with open(os.path.join(version_dir, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+        meta = index["metadata"]
+        assert meta["delta_encoding"] == "xor" and meta["compression_format"] == "zstd", meta
+        for fname in sorted(set(index["weight_map"].values())):
+            path = os.path.join(version_dir, fname)
+            deltas = safetensors.numpy.load_file(path)
+            with open(path, "rb") as f:  # the checksums ride in the safetensors metadata
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            digests = header.get("__metadata__", {})
+            for name, compressed in deltas.items():
+                old = self.state[name]
+                raw = old.contiguous().view(torch.uint8).reshape(-1).numpy()
+                diff = zstandard.ZstdDecompressor().decompress(compressed.tobytes(),
+                                                                max_output_size=raw.size)
+                import numpy as np
+
+                new = raw ^ np.frombuffer(diff, dtype=np.uint8)
+                if checksum(meta["checksum_format"], new) != digests[name]:
+                    raise ValueError(f"checksum mismatch for {name} at version {target_version}")
+                self.state[name] = torch.from_numpy(new.copy()).view(old.dtype).view(old.shape)
+        self.applied.append(target_version)
+        return True
+
+    def update_weights_from_disk(self, model_path, weight_version):
+        self.calls.append(f"update_weights_from_disk v{weight_version}")

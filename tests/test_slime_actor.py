@@ -1,0 +1,247 @@
+"""slime's own training actor, with `patches/slime-624b824a-lora.patch` applied, on 2 CPU ranks.
+
+slime 624b824a and the Megatron-LM it pins (1dcf0daf, with slime's own Megatron patches) are
+extracted from `../shared/vendor` (or `$MEGATRON_LORA_VENDOR`) once per session and patched with
+`git apply`; each layout is one 2-rank launch that runs slime's `parse_args`,
+`MegatronTrainRayActor.init`, `train`, its weight-sync classes, `save_model` and a resume
+(`tests/support/slime/stages.py`), with stand-ins only for what needs a GPU (SGLang's engines,
+torch_memory_saver, Ray's cluster, CUDA-only calls; `tests/support/slime/`). Each test below
+asserts one stage, on TP=2 + sequence parallelism (fp32) and on PP=2 (bf16, slime's default).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import pytest
+import torch
+
+from support.slime import sources
+
+def _why_not() -> str | None:
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        # make test-compat: its pins (contourpy, peft on Python 3.12) need numpy 2
+        return (f"slime 624b824a's Megatron backend asserts numpy 1.x (slime/backends/"
+                f"megatron_utils/initialize.py); this environment has numpy {numpy.__version__}")
+    return sources.missing_reason()
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+
+LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False},
+           "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True}}
+ADAPTER_COUNT = 2 * 4 * 2  # layers x (qkv, proj, fc1, fc2) x (A, B)
+
+
+@pytest.fixture(scope="session")
+def slime_trees(tmp_path_factory):
+    if sys.version_info < (3, 10):
+        pytest.skip("slime needs Python 3.10+")
+    return sources.prepare(tmp_path_factory.mktemp("slime-sources"))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def run(request, slime_trees, tmp_path_factory):
+    from megatron_lora.runtime.processes import run_on_ranks
+    from support.slime import runtime, stages, tiny_qwen2
+
+    layout = LAYOUTS[request.param]
+    work = tmp_path_factory.mktemp(f"slime-{request.param}")
+    dtype = torch.bfloat16 if layout["bf16"] else torch.float32
+    hf = tiny_qwen2.write_hf_checkpoint(work / "hf", dtype=dtype)
+    ranks = run_on_ranks(
+        stages.run_layout, world_size=2, timeout=900,
+        args=(str(work), str(hf), str(slime_trees.unpatched_arguments), layout),
+        setup=functools.partial(runtime.setup, str(slime_trees.slime),
+                                str(slime_trees.megatron_lm)))
+    return {"layout": layout, "ranks": ranks, "hf": hf, "dtype": dtype}
+
+
+def _hf_log_probs(model, rollout_id, args_like):
+    """log p(response token | prefix) under an HF model, per sample, as slime slices them."""
+    from support.slime import rollout
+
+    tokens, _ = rollout.samples(rollout_id, args_like)
+    tokens = torch.tensor(tokens)
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return [row[rollout.PROMPT - 1:] for row in log_probs], logits
+
+
+class _Batch:
+    rollout_batch_size, n_samples_per_prompt = 2, 2
+
+
+def _tol(run):
+    return dict(rtol=0, atol=2e-5) if run["dtype"] == torch.float32 else dict(rtol=0, atol=0.1)
+
+
+def test_megatron_is_slimes_pinned_megatron_lm(run, slime_trees):
+    for rank in run["ranks"]:
+        assert rank["megatron_core_file"].startswith(str(slime_trees.megatron_lm))
+
+
+def test_lora_flags_reach_slimes_args_and_an_unpatched_slime_drops_them(run):
+    for rank in run["ranks"]:
+        assert rank["flags_patched"] == {"use_lora": True, "lora_r": 4, "lora_alpha": 8.0,
+                                         "lora_only_trainable": True}
+        assert set(rank["flags_unpatched"].values()) == {"absent"}
+
+
+def test_init_builds_the_lora_model_with_only_adapters_trainable(run):
+    layout = run["layout"]
+    for rank in run["ranks"]:
+        init = rank["init"]
+        assert init["trainable"] == init["lora_names"]
+        # every adapter of this rank's layers (all layers, or one stage's under PP)
+        assert len(init["lora_names"]) == ADAPTER_COUNT // layout["pp"]
+        assert init["base_equal"], "the LoRA model's base is not the checkpoint's"
+        assert init["B_zero"] and init["A_nonzero"]
+        # the reference policy is the actor's frozen base: no second copy was loaded
+        assert init["lora_ref"] and "ref" not in init["backup_tags"]
+    last = run["ranks"][-1]
+    for got, want in zip(last["init_log_probs"], last["base_log_probs"][0]):
+        assert torch.equal(got, want), "B = 0 must give the base model's log-probs exactly"
+
+
+@pytest.mark.parametrize("strict", ["assume_ok_unexpected", "log_unexpected", "log_all",
+                                    "raise_unexpected", "raise_all", "return_unexpected",
+                                    "return_all", "ignore_all"])
+def test_base_only_torch_dist_start_works_with_every_strictness(run, strict):
+    """The LoRA model loads the base-only checkpoint exactly as the plain model does.
+
+    Megatron-LM itself refuses two strictnesses for slime's start from a checkpoint, LoRA or
+    not (the plain model is the control): raise_all, since a finetune load requests no RNG
+    state and the checkpoint holds one, and return_*, whose (state, missing, unexpected) tuple
+    its `load_checkpoint` does not unpack."""
+    for rank in run["ranks"]:
+        plain = rank["strictness_plain"][strict]
+        if strict in ("raise_all", "return_unexpected", "return_all"):
+            assert plain != "loaded" and "lora" not in plain, plain
+        else:
+            assert plain == "loaded", plain
+        # through slime's (patched) load_checkpoint: no failure of its own, ever
+        outcome, unchanged = rank["strictness"][(strict, True)]
+        assert outcome == plain
+        if outcome == "loaded":
+            assert unchanged, "the base reloaded exactly and the adapters kept their init"
+        # Megatron-LM's own load_checkpoint, without the patch's hook: the layers alone load
+        # it wherever Megatron tolerates absent keys (slime's Megatron-LM skips them under the
+        # default); raise_unexpected refuses them, by Megatron's contract.
+        outcome, unchanged = rank["strictness"][(strict, False)]
+        if strict == "raise_unexpected":
+            assert "Unexpected keys" in outcome and "lora_" in outcome, outcome
+        elif strict == "raise_all":
+            assert outcome != "loaded", outcome
+        else:
+            assert outcome == plain and (outcome != "loaded" or unchanged), outcome
+
+
+def test_two_rollouts_train_only_the_adapters_and_the_reference_stays_the_base(run):
+    for rank in run["ranks"]:
+        init_base, init_lora = rank["train"][0]["params"][0], None
+        previous = None
+        for step in rank["train"]:
+            base, lora = step["params"]
+            assert all(torch.equal(base[n], t) for n, t in init_base.items())
+            if previous is not None:
+                assert any(not torch.equal(lora[n], previous[n]) for n in lora)
+            previous = lora
+        assert all(t.any() for n, t in previous.items() if ".lora_B." in n), "B moved off zero"
+    last = run["ranks"][-1]
+    for rollout_id, step in enumerate(last["train"]):
+        # slime's ref_log_probs, computed inside disable_lora, are the base model's exactly
+        assert len(step["ref_log_probs"]) == 4
+        for got, want in zip(step["ref_log_probs"], last["base_log_probs"][rollout_id]):
+            assert torch.equal(got, want)
+    # ...while the actor's own log-probs have moved
+    assert any(not torch.allclose(a, b) for a, b in
+               zip(last["trained_log_probs"][0], last["base_log_probs"][0]))
+
+
+def _synced(run) -> dict[str, dict[str, torch.Tensor]]:
+    rank0 = run["ranks"][0]
+    sync = rank0["sync"]
+    nccl = {}
+    for rank in run["ranks"]:  # each pipeline stage's source rank sends its own layers
+        nccl.update(rank["sync"]["nccl"])
+    return {"colocated": sync["colocated"][0], "nccl": nccl, "disk": sync["disk"],
+            "delta": sync["delta"], "save_hf": rank0["saved"]["hf"]}
+
+
+def test_every_sync_path_sends_the_same_merged_hf_tensors(run):
+    from support.slime import tiny_qwen2
+
+    synced = _synced(run)
+    hf_names = set(tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict())
+    colocated = run["ranks"][0]["sync"]["colocated"]
+    assert all(_same(part, colocated[0]) for part in colocated), "engine TP ranks differ"
+    for path, tensors in synced.items():
+        assert set(tensors) == hf_names, (path, set(tensors) ^ hf_names)
+        assert not any("lora" in name for name in tensors), path
+        assert _same(tensors, synced["colocated"]), path
+    # the adapters reached the engine: the merged weights are not the base's
+    base = tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict()
+    changed = [n for n in hf_names if not torch.equal(synced["colocated"][n], base[n])]
+    assert len(changed) == 2 * 7  # per layer q, k, v, o, gate, up, down
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n].to(a[n].dtype)) for n in a)
+
+
+def test_hf_model_from_the_synced_tensors_gives_the_lora_models_logits_and_log_probs(run):
+    from support.slime import tiny_qwen2
+
+    model = tiny_qwen2.hf_model(run["hf"], run["dtype"], state=_synced(run)["colocated"])
+    last = run["ranks"][-1]
+    hf_log_probs, hf_logits = _hf_log_probs(model, 0, _Batch)
+    for got, want in zip(hf_log_probs, last["trained_log_probs"][0]):
+        torch.testing.assert_close(got, want.float(), **_tol(run))
+    if last["trained_logits"] is not None:  # no pipeline: the model's own forward
+        torch.testing.assert_close(hf_logits, last["trained_logits"], **_tol(run))
+    base = tiny_qwen2.hf_model(run["hf"], run["dtype"])
+    base_log_probs, _ = _hf_log_probs(base, 0, _Batch)
+    for got, want in zip(base_log_probs, last["base_log_probs"][0]):
+        torch.testing.assert_close(got, want.float(), **_tol(run))
+
+
+def test_colocated_sync_reads_only_the_cpu_backup(run):
+    rank0 = run["ranks"][0]
+    # every live weight was NaN during the sync; what arrived is finite (and equal to the
+    # other paths, above), and the live weights were restored
+    assert all(torch.isfinite(t).all() for t in rank0["sync"]["colocated"][0].values())
+    assert rank0["sync"]["colocated_calls"][0] == "pause_generation"
+    assert rank0["sync"]["colocated_calls"][-1] == "continue_generation"
+    for rank in run["ranks"]:
+        assert rank["sync"]["live_restored"]
+    assert rank0["sync"]["delta_applied"] == [1]
+
+
+def test_save_model_writes_the_adapter_file(run):
+    from megatron_lora import read_lora_checkpoint
+
+    assert run["ranks"][0]["saved"]["adapter_file"]
+    checkpoint = read_lora_checkpoint(_work(run) / "run" / "iter_0000001" / "adapter.safetensors")
+    assert len(checkpoint.tensors) == ADAPTER_COUNT
+    assert (checkpoint.config.r, checkpoint.config.alpha) == (4, 8)
+    # every adapter of every stage, each rank's share of them as trained
+    assert sum(len(rank["trained_lora"]) for rank in run["ranks"]) == (
+        ADAPTER_COUNT * run["layout"]["tp"])
+
+
+def _work(run):
+    return run["hf"].parent
+
+
+def test_resume_with_load_restores_the_adapters_exactly(run):
+    last = run["ranks"][-1]
+    for rank in run["ranks"]:
+        assert rank["resume"]["start_rollout_id"] == 2
+        assert rank["resume"]["lora_equal"] and rank["resume"]["base_equal"]
+    for got, want in zip(last["resume"]["log_probs"], last["trained_log_probs"][0]):
+        assert torch.equal(got, want)
