@@ -70,3 +70,21 @@ def test_checkpoint_that_does_not_fit_is_refused_untouched(interchange, case, me
     error, untouched = interchange[case]
     assert error is not None and re.search(message, error), error
     assert untouched
+
+
+@pytest.mark.parametrize("strict", ["log_unexpected", "raise_unexpected"])
+def test_base_only_dist_checkpoint_loads_into_grouped_expert_adapters(strict, tmp_path):
+    # A grouped linear's per-expert fc1 B goes through the SwiGLU factory as the dense fc1's B
+    # does: with the checkpoint lacking it, the load must neither raise nor touch the adapters.
+    rank, = run_on_ranks(moe_checkpoint_cases.base_only_cases, world_size=1,
+                         args=(str(tmp_path), strict), setup=te_emulation.enable, timeout=600)
+    for layout in ("per_expert", "shared_outer"):
+        got = rank[layout]
+        assert not got["unexpected"], f"{layout}: {got['unexpected']}"
+        assert got["missing"] == got["adapter_names"], f"{layout}: missing {got['missing']}"
+        assert any(".experts.linear_fc1.lora_B.weight" in n for n in got["adapter_names"])
+        for name, value in got["adapters_before"].items():
+            assert torch.equal(got["adapters_after"][name], value), f"{layout}: {name} changed"
+        assert sorted(got["base_after"]) == sorted(rank["base"])
+        for name, value in rank["base"].items():
+            assert torch.equal(got["base_after"][name], value), f"{layout}: base {name}"
