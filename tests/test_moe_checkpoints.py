@@ -72,15 +72,25 @@ def test_checkpoint_that_does_not_fit_is_refused_untouched(interchange, case, me
     assert untouched
 
 
-@pytest.mark.parametrize("strict", ["log_unexpected", "raise_unexpected"])
-def test_base_only_dist_checkpoint_loads_into_grouped_expert_adapters(strict, tmp_path):
+STRICT = ["log_unexpected", "raise_unexpected"]
+
+
+@pytest.fixture(scope="module")
+def base_only(tmp_path_factory):
+    rank, = run_on_ranks(moe_checkpoint_cases.base_only_cases, world_size=1,
+                         args=(str(tmp_path_factory.mktemp("base_only")), STRICT),
+                         setup=te_emulation.enable, timeout=600)
+    return rank
+
+
+@pytest.mark.parametrize("strict", STRICT)
+def test_base_only_dist_checkpoint_loads_into_grouped_expert_adapters(base_only, strict):
     # A grouped linear's per-expert fc1 B goes through the SwiGLU factory as the dense fc1's B
     # does: with the checkpoint lacking it, the load must neither raise nor touch the adapters.
-    rank, = run_on_ranks(moe_checkpoint_cases.base_only_cases, world_size=1,
-                         args=(str(tmp_path), strict), setup=te_emulation.enable, timeout=600)
+    rank = base_only
     for layout in ("per_expert", "shared_outer"):
-        got = rank[layout]
-        assert not got["unexpected"], f"{layout}: {got['unexpected']}"
+        got = rank[strict, layout]
+        assert not got["unexpected"], f"{strict} {layout}: {got['unexpected']}"
         assert got["missing"] == got["adapter_names"], f"{layout}: missing {got['missing']}"
         assert any(".experts.linear_fc1.lora_B.weight" in n for n in got["adapter_names"])
         for name, value in got["adapters_before"].items():

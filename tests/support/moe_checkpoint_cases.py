@@ -78,11 +78,11 @@ def interchange_cases(out_dir: str):
     return out
 
 
-def base_only_cases(out_dir: str, strict: str):
+def base_only_cases(out_dir: str, stricts: list[str]):
     """A base-only dist checkpoint (a plain MoE model's) loaded into a LoRA MoE model through
     megatron-core's own `dist_checkpointing.load` under `strict`, inside
     `allow_missing_adapters`, then `load_state_dict(strict=False)` as Megatron-LM does: per
-    grouped layout, the outcome, the missing keys, base and adapters before and after."""
+    strictness and grouped layout, the missing keys, base and adapters before and after."""
     from megatron.core import dist_checkpointing
 
     from megatron_lora import allow_missing_adapters, get_lora_parameters, save_dist_checkpoint
@@ -92,7 +92,7 @@ def base_only_cases(out_dir: str, strict: str):
     save_dist_checkpoint(plain, f"{out_dir}/base")
     out = {"base": {n: p.detach().clone() for n, p in plain.state_dict().items()
                     if isinstance(p, torch.Tensor) and "_extra_state" not in n}}
-    for layout in ("per_expert", "shared_outer"):
+    for strict, layout in [(s, lay) for s in stricts for lay in ("per_expert", "shared_outer")]:
         model = _model("EP1", te=True, expert_layout=layout)
         with torch.no_grad():  # a base unlike the checkpoint's, so the load has to write it
             for name, param in model.named_parameters():
@@ -105,7 +105,7 @@ def base_only_cases(out_dir: str, strict: str):
         if isinstance(loaded, tuple):  # return_* strictness: (state, missing, unexpected)
             loaded = loaded[0]
         result = model.load_state_dict(loaded, strict=False)
-        out[layout] = {
+        out[strict, layout] = {
             # TE's `_extra_state` (core attention's) is not a tensor the load is about
             "missing": sorted(k for k in result.missing_keys if not k.endswith("_extra_state")),
             "unexpected": list(result.unexpected_keys),
