@@ -7,7 +7,9 @@ linear an A `[r, in]` and a B `[out, r]` (Megatron's fused `linear_qkv` / `linea
 q/k/v and gate/up, each with its own copy of A, as SGLang and PEFT take them). Both in bf16.
 
 - `geometry` rows: computed from the HF configs of Qwen3-8B, Qwen3-32B and Qwen3-30B-A3B (its
-  128 experts' gate/up/down adapted per expert: the MoE issue's export; not synced yet).
+  128 experts' gate/up/down adapted per expert, as the per-expert export writes them; the
+  formula is checked by measurement on a dense model only, and slime's adapter mode refuses MoE
+  models for now).
 - `measured` rows: a small model built here (Megatron GPT, TP=1), the same formula against the
   bytes actually produced: `merged_weights` over a CPU copy of the parameters, and
   `gather_peft_adapter` over the same copy (and its SGLang payload, base64 included).
@@ -130,7 +132,7 @@ def geometry_rows(ranks=(16, 64)) -> list[dict]:
             rows.append({"model": model.name, "r": r, "merged_GB": merged / 1e9,
                          "adapter_MB": adapter / 1e6, "ratio": adapter / merged,
                          "fused_ratio": model.fused_adapter_parameters(r) * BF16 / merged,
-                         "note": "experts per expert: after the MoE issue" if model.experts
+                         "note": "per-expert export; not measured; slime: refused" if model.experts
                          else ""})
     return rows
 

@@ -83,19 +83,23 @@ def _adapter_name_of(key: str, names: Mapping[str, object]) -> str | None:
     return None
 
 
-def _keeps_result(module) -> bool:
-    """Whether this rank keeps the gathered tensors of `module`: the first rank of its TP group
-    and of the data-parallel (and context-parallel) replicas, one per pipeline stage."""
-    _, tp_rank = sharding.group_size_rank(module.lora_tp_group)
-    if tp_rank != 0:
-        return False
+def _keeps_result(module, param, beside_experts: bool) -> bool:
+    """Whether this rank keeps the gathered value of `param`: rank 0 of every group it is
+    replicated over (TP and data-parallel; for an expert's, expert-TP and expert-data-parallel,
+    and expert-parallel too for a matrix the experts share). One rank per pipeline stage (and
+    per expert-parallel rank, for experts' own matrices) keeps each tensor. `beside_experts`:
+    a matrix the experts share is also kept on every expert-parallel rank that keeps experts
+    (their PEFT modules are made with it)."""
     if not parallel_state.model_parallel_is_initialized():
         return True
-    return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    skip = getattr(module, "lora_ep_group", None) if beside_experts else None
+    return all(sharding.group_size_rank(group)[1] == 0
+               for group in module.lora_replica_groups(param) if group is not skip)
 
 
 @torch.no_grad()
-def full_adapter_tensors(tensors: Mapping[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+def full_adapter_tensors(tensors: Mapping[str, torch.Tensor], model, *,
+                         beside_experts: bool = False) -> dict[str, torch.Tensor]:
     """This rank's contribution of the full adapter: `{name in the unsplit model: full CPU
     tensor}` on the first TP / data-parallel rank of each pipeline stage, `{}` elsewhere.
     `tensors` holds this rank's shards (live parameters, or a copy; adapters under any prefix).
@@ -109,6 +113,6 @@ def full_adapter_tensors(tensors: Mapping[str, torch.Tensor], model) -> dict[str
             full = sharding.full_value(value, param, module.lora_tp_group)
         except ValueError as error:
             raise ValueError(f"full_adapter_tensors: {keys[name]}: {error}") from None
-        if _keeps_result(module):
+        if _keeps_result(module, param, beside_experts):
             out[name] = full.cpu()
     return out

@@ -22,7 +22,8 @@ def _export_peft(args: argparse.Namespace) -> int:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")
     export_checkpoint(read_lora_checkpoint(args.checkpoint), out,
-                      base_model_name_or_path=args.base_model)
+                      base_model_name_or_path=args.base_model, architecture=args.architecture,
+                      expand_shared=args.expand_shared_experts)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -90,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="folder to write adapter_config.json and adapter_model.safetensors")
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
     export.add_argument("--architecture", default="LlamaForCausalLM",
-                        help="HF architecture of the base model (Llama family)")
+                        help="HF architecture of the base model (Llama family, "
+                             "Qwen3MoeForCausalLM, MixtralForCausalLM)")
+    export.add_argument("--expand-shared-experts", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="write shared-outer expert factors into every expert (the "
+                             "per-expert form vLLM and PEFT read) instead of SGLang's shared form")
     export.set_defaults(run=_export_peft)
 
     inspect = commands.add_parser("inspect", help="describe an adapter checkpoint or PEFT folder")

@@ -12,52 +12,78 @@ from pathlib import Path
 
 import torch
 
-from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from lora_common import LoRAConfig
 from lora_common.peft_files import read_peft_adapter, write_peft_adapter
 from lora_common.state import require_state
 from megatron_lora.adapter_checkpoint import load_adapter
 from megatron_lora.adapter_tensors import adapter_state
-from megatron_lora.apply import apply_lora_to_megatron_model
-from megatron_lora.interop import hf_mapping
+from megatron_lora.apply import apply_lora_to_megatron_model, check_model_supports
+from megatron_lora.interop import hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
+from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.peft_export import export_checkpoint, warn_serving_rank
 from megatron_lora.interop.peft_import import fuse_peft_adapter
-from megatron_lora.model import lora_modules, model_chunks
+from megatron_lora.model import lora_modules, model_config
 from megatron_lora.peft_tensors import gather_peft_adapter
 
 
 def export_peft_adapter(source, out_dir: str | Path, *,
                         base_model_name_or_path: str | None = None,
                         architecture: str = "LlamaForCausalLM",
-                        task_type: str = "CAUSAL_LM") -> None:
+                        task_type: str = "CAUSAL_LM", expand_shared: bool = False) -> None:
     """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
     checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
-    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout."""
-    hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
+    adapter is for: the Llama family (Llama, Mistral, Qwen2, Qwen3) and the MoE Qwen3-MoE and
+    Mixtral. Experts' shared-outer factors go once in SGLang's form, or into every expert with
+    `expand_shared` (vLLM, PEFT)."""
+    arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
     if isinstance(source, (str, Path)):
         export_checkpoint(read_lora_checkpoint(source), out_dir,
-                          base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                          architecture=arch.name, expand_shared=expand_shared)
         return
+    # what rank 0 would refuse, refused on every rank (the others wait in a barrier)
+    _check_exportable(source, arch)
     # Live: exactly what the adapter sync sends (gather_peft_adapter), read from the model's
     # own parameters.
     adapter = gather_peft_adapter(adapter_state(source), source,
                                   base_model_name_or_path=base_model_name_or_path,
-                                  task_type=task_type)
+                                  task_type=task_type, architecture=arch.name,
+                                  expand_shared=expand_shared)
     if adapter is not None:
         warn_serving_rank(adapter.config["r"], stacklevel=3)
-        write_peft_adapter(out_dir, adapter.config, adapter.modules)
+        write_peft_adapter(out_dir, adapter.config, adapter.modules, adapter.shared)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
+def _megatron_targets(tensors, moe: bool) -> list[str]:
+    """The target entries selecting exactly the fused tensors' modules: Megatron's names in a
+    dense model; in an MoE model, `experts.` / `mlp.` in front of the MLP targets, so dense and
+    expert MLPs are told apart."""
+    targets = set()
+    for key in tensors:
+        k = parse_adapter_key(key)
+        prefix = {EXPERTS: "experts.", DENSE: "mlp."}.get(k.kind, "") if moe else ""
+        targets.add(prefix + k.target)
+    return sorted(targets)
+
+
+def _check_exportable(model, arch) -> None:
+    if Geometry.from_megatron(model_config(model)).num_moe_experts and arch.moe is None:
+        hf_experts.require_experts(arch)
+    shared = [name for name in lora_modules(model) if ".shared_experts." in name]
+    if shared:
+        raise ValueError(f"{arch.name} has no shared experts: the adapter of {shared[0]} has no "
+                         f"HF counterpart (leave shared_experts out of target_modules)")
+
+
 def _geometry(model) -> Geometry:
-    for chunk in model_chunks(model):
-        for module in chunk.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "num_attention_heads"):
-                return Geometry.from_megatron(config)
-    raise ValueError("import_peft_adapter: found no TransformerConfig in the model")
+    try:
+        return Geometry.from_megatron(model_config(model))
+    except ValueError as error:
+        raise ValueError(f"import_peft_adapter: {error}") from None
 
 
 def import_peft_adapter(model, adapter_dir: str | Path) -> LoRAConfig:
@@ -72,16 +98,16 @@ def import_peft_adapter(model, adapter_dir: str | Path) -> LoRAConfig:
         require_state(existing, "import_peft_adapter", merged=False, model=model)
     adapter = read_peft_adapter(adapter_dir)
     geometry = _geometry(model)
-    tensors, rank, alpha = fuse_peft_adapter(adapter, geometry, source)
-    targets = {hf_mapping.parse_megatron_module(k.rsplit(".lora_", 1)[0])[1] for k in tensors}
+    tensors, rank, alpha, layout = fuse_peft_adapter(adapter, geometry, source)
     existing = list(existing.values())
     previous = existing[0].lora_config if existing else LoRAConfig()
     config = LoRAConfig(
         r=rank, alpha=alpha, dropout=float(adapter.config.get("lora_dropout") or 0.0),
-        target_modules=[t for t in MEGATRON_TARGET_MODULES if t in targets],
+        target_modules=_megatron_targets(tensors, moe=bool(geometry.num_moe_experts)),
         use_rslora=bool(adapter.config.get("use_rslora", False)),
         init="gaussian" if adapter.config.get("init_lora_weights") == "gaussian" else "kaiming",
-        only_trainable=previous.only_trainable, seed=previous.seed)
+        only_trainable=previous.only_trainable, seed=previous.seed, expert_layout=layout)
+    check_model_supports(model, config)  # before the rebuild below changes anything
     if any(module.lora_config != config for module in existing):
         for module in existing:  # another rank or target set: rebuild the adapters
             module.remove_lora()

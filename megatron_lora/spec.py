@@ -7,7 +7,10 @@ so the model keeps every base name and Megatron's sharded-state-dict maps still 
 
 A spec is a tree of `ModuleSpec`s and `*Submodules` dataclasses; megatron-core 0.19 also uses
 `functools.partial(Cls.as_..._submodule, submodules=...)` for some nodes. The walk looks
-inside all three, so specs from other packages (slime's, MoE block specs) work too.
+inside all three, so specs from other packages (slime's, MoE block specs) work too. A target
+selects a submodule by its path in the layer (`targets.py`: `linear_fc1`, `experts.linear_fc1`,
+`shared_experts.linear_fc2`); MoE expert classes LoRA cannot adapt are refused here, before
+anything is built (`moe.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from megatron_lora import moe
 from megatron_lora.layers.placement import check_exclusions, lora_layer_class
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
+from megatron_lora.targets import selectable_names, selecting
 
 
 def lora_spec(spec: Any, config: LoRAConfig) -> Any:
@@ -44,7 +49,8 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
     missing = [t for t in config.target_modules if t not in walk.found]
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no submodule of the spec; "
-                         f"its linear submodules are {sorted(walk.linears)}")
+                         f"its linear submodules are {sorted(walk.linears)}"
+                         f"{moe.no_experts_hint(missing, walk.linears)}")
     return result
 
 
@@ -82,11 +88,14 @@ class _SpecWalk:
                 continue
             value = getattr(node, field.name)
             where = f"{path}.{field.name}" if path else field.name
-            if supports_lora(_module_class(value)):
-                self.linears.add(field.name)
-            if field.name in self.config.target_modules:
+            cls = _module_class(value)
+            moe.check_experts_class(where, cls, self.config)
+            if supports_lora(cls):
+                self.linears |= selectable_names(where)
+            selected = selecting(self.config.target_modules, where)
+            if selected:
                 changes[field.name] = self.target(value, where)
-                self.found.add(field.name)
+                self.found |= selected
             else:
                 changes[field.name] = self.node(value, where)
         return dataclasses.replace(node, **changes)

@@ -7,6 +7,11 @@ layer)`, removes LoRA from modules the config excludes, and freezes the layer's 
 parameters when `config.only_trainable`. The spec route runs it from the LoRA subclass of the
 layer class (`lora_layer_class`); the post-hoc route calls it on each built layer. Both routes
 therefore give the same adapters.
+
+An expert linear of a `SequentialMLP` learns here that it is one (`configure_expert`), with its
+global expert index; every expert's A is seeded by `(config.seed, layer_number, target path,
+global expert index)`, the key a grouped linear uses for the same expert, so adapters agree at
+every EP and ETP size and across the two expert implementations.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ import torch
 
 from lora_common import LoRAConfig
 from lora_common.state import freeze_all_but_adapters
+from megatron_lora import moe
 from megatron_lora.layers.registry import is_lora_linear
 from megatron_lora.model import qualified_name
+from megatron_lora.targets import leaf, selecting, target_path
 
 
 def is_excluded(qualified: str, exclude_modules: tuple[str, ...]) -> bool:
-    """An exclude entry matches a module whose qualified name equals it or ends with
-    `.<entry>` (so `linear_fc2`, `mlp.linear_fc2` and `layers.3.mlp.linear_fc2` all work)."""
-    return any(qualified == entry or qualified.endswith("." + entry) for entry in exclude_modules)
+    """An exclude entry matches a module whose target path (`targets.py`) equals it or ends
+    with `.<entry>` (so `linear_fc2`, `mlp.linear_fc2`, `experts.linear_fc2` and
+    `layers.3.mlp.linear_fc2` all work)."""
+    return bool(selecting(exclude_modules, qualified))
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -35,9 +43,14 @@ def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
     """Refuse an exclude entry that can match no adapted module: its last name must be one of
     the targets, and a layer it names must exist. Checkable on every rank and at spec time,
     without the other pipeline stages' modules (an entry is a path in the unsplit model)."""
+    target_leaves = {leaf(target) for target in config.target_modules}
     for entry in config.exclude_modules:
+        if target_path(entry) != entry:
+            raise ValueError(f"LoRA exclude_modules entry {entry!r} names one expert of a "
+                             f"layer; every expert of a layer carries an adapter or none: "
+                             f"exclude {target_path(entry)!r} (all of that layer's experts)")
         index = _LAYER_INDEX.search(entry)
-        if entry.rsplit(".", 1)[-1] in config.target_modules and (
+        if leaf(entry) in target_leaves and (
                 index is None or num_layers is None or int(index.group(1)) < num_layers):
             continue
         layers = f"decoder.layers.<0..{num_layers - 1}>" if num_layers else "decoder.layers.<i>"
@@ -49,20 +62,32 @@ def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
 def place_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
     """Initialize, exclude and freeze the adapters inside one built transformer layer."""
     check_exclusions(config, layer.config.num_layers)
+    moe.check_moe_config(layer.config, config)
     layer_number = getattr(layer, "layer_number", None)
     for name, module in list(layer.named_modules()):
         if is_lora_linear(module):
-            place_adapter(module, config, layer_number, name)
+            place_adapter(module, config, layer_number, name, layer)
     if config.only_trainable:
         freeze_all_but_adapters(layer)
 
 
-def place_adapter(module, config: LoRAConfig, layer_number: int | None, name: str) -> None:
-    """Seed one adapter's A from its place, or remove the adapter if the config excludes it."""
+def place_adapter(module, config: LoRAConfig, layer_number: int | None, name: str,
+                  root: torch.nn.Module | None = None) -> None:
+    """Seed one adapter's A from its place, or remove the adapter if the config excludes it.
+    `name` is the module's path in `root` (its transformer layer, or the model chunk)."""
     if is_excluded(qualified_name(layer_number, name), config.exclude_modules):
         module.remove_lora()
-    else:
+        return
+    expert = moe.sequential_expert(name)
+    if expert is None:
         module.reset_lora_parameters(layer_number, name)
+        return
+    experts_path, local_index = expert
+    experts = root.get_submodule(experts_path)
+    moe.check_experts_class(experts_path, type(experts), config)
+    place = moe.expert_place(experts, local_index)
+    module.configure_expert(place)
+    module.reset_lora_parameters(layer_number, target_path(name), place.index)
 
 
 class LoRATransformerLayerMixin:

@@ -3,9 +3,9 @@
     lora_linear_class(ColumnParallelLinear, config)  ->  LoRAColumnParallelLinear
 
 A base class is matched to the mixin of the first family base it subclasses: megatron-core's
-local parallel linears, and its Transformer Engine wrappers when megatron-core found TE at
-import. One class is made per (base, config) pair, so the spec route and the post-hoc route
-build the same classes.
+local parallel linears, and its Transformer Engine wrappers (grouped MoE linears included) when
+megatron-core found TE at import. One class is made per (base, config) pair, so the spec route
+and the post-hoc route build the same classes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def family_mixins() -> tuple[tuple[type, type], ...]:
         pairs += [(te_wrappers.TELayerNormColumnParallelLinear, LoRATELayerNormColumnParallelMixin),
                   (te_wrappers.TEColumnParallelLinear, LoRATEColumnParallelMixin),
                   (te_wrappers.TERowParallelLinear, LoRATERowParallelMixin)]
+        if getattr(te_wrappers, "TEColumnParallelGroupedLinear", None) is not None:
+            from megatron_lora.layers.grouped_linear import (
+                LoRATEColumnParallelGroupedMixin,
+                LoRATERowParallelGroupedMixin,
+            )
+
+            pairs += [(te_wrappers.TEColumnParallelGroupedLinear, LoRATEColumnParallelGroupedMixin),
+                      (te_wrappers.TERowParallelGroupedLinear, LoRATERowParallelGroupedMixin)]
     return tuple(pairs)
 
 

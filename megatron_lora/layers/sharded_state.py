@@ -41,12 +41,12 @@ def adapter_sharded_state(module, prefix: str, sharded_offsets=(), metadata=None
         tp_group=module.lora_tp_group, dp_cp_group=dp_cp_group)
     if getattr(module.lora_B.weight, "partition_stride", 1) == 2:
         key = f"{prefix}lora_B.weight"
-        state[key] = _swiglu_factory_tolerating_absence(
+        state[key] = swiglu_factory_tolerating_absence(
             state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
     return state
 
 
-def _swiglu_factory_tolerating_absence(sharded_tensor, sharded_offsets, singleton_local_shards):
+def swiglu_factory_tolerating_absence(sharded_tensor, sharded_offsets, singleton_local_shards):
     """Megatron's SwiGLU factory (same saved tensors, keys and offsets) whose load survives a
     checkpoint without the tensor.
 
