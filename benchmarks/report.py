@@ -95,6 +95,9 @@ def run_header(run: dict) -> str:
     lines = [f"- Command: `{run['command']}`", f"- Date: {run['date']}",
              f"- Machine: {run['machine']}", f"- Commit: {run['commit']}",
              f"- Chart: [{run['chart']}]({run['chart']})"]
+    for update in run.get("updates", []):
+        lines.append(f"- Updated: `{update['command']}` ({update['date']}, commit "
+                     f"{update['commit']}): {', '.join(update['benchmarks'])}")
     if run.get("quick"):
         lines.append("\n**This is a `--quick` smoke run: small sizes, few rounds. Do not draw "
                      "conclusions from its numbers.**")

@@ -3,6 +3,7 @@
     python -m benchmarks.run_all                # the full run (`make bench`): tens of minutes
     python -m benchmarks.run_all --quick        # smoke run; writes under out/bench-quick/ instead
     python -m benchmarks.run_all --report-only  # RESULTS.md and the chart again from results.json
+    python -m benchmarks.run_all --only NAME..  # those again, the others kept from results.json
 
 Each benchmark runs in its own process (a crash in one does not lose the others; memory from
 one cannot skew the next) as `python -m benchmarks.NAME [--quick] --json FILE`, and prints its
@@ -27,7 +28,7 @@ from benchmarks.chart import write_chart
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCHMARKS = ("step_time", "comm_bytes", "peak_memory", "merged_stream", "profile_lora",
-              "fsdp_vs_peft", "moe_step")
+              "fsdp_vs_peft", "moe_step", "sync_bytes", "sync_fidelity")
 CHART = "results.png"
 OUTPUTS = ("RESULTS.md", CHART, "results.json")
 
@@ -89,10 +90,19 @@ def main(argv=None):
                     results[name] = json.load(f)
             else:
                 run["failed"].append(name)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    path, failed = os.path.join(out_dir, "results.json"), run["failed"]
+    if args.only and os.path.exists(path):
+        # a partial run updates its benchmarks in the recorded results and keeps the others
+        with open(path) as f:
+            recorded = json.load(f)
+        update = {key: run[key] for key in ("command", "date", "commit", "failed")}
+        run = recorded["run"]
+        run.setdefault("updates", []).append({**update, "benchmarks": sorted(results)})
+        results = {**recorded["benchmarks"], **results}
+    with open(path, "w") as f:
         json.dump({"run": run, "benchmarks": results}, f, indent=1)
     write_report(out_dir)
-    return 1 if run["failed"] else 0
+    return 1 if failed else 0
 
 
 def write_report(out_dir: str) -> int:

@@ -51,6 +51,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "experts, SGLang's layout; needs grouped-GEMM experts).")
     group.add_argument("--lora-seed", type=int, default=None,
                        help="Seed of the adapter init (default: Megatron's --seed, else 0).")
+    group.add_argument("--lora-sync", choices=("merged", "adapter"), default="merged",
+                       help="What each weight sync sends a rollout engine: the merged model "
+                            "(W + s B A, any engine), or the base once and then only the "
+                            "adapter (SGLang started with LoRA enabled; see the README).")
     group.add_argument("--lora-base-spec", nargs=2, default=None, metavar=("MODULE", "FUNCTION"),
                        help="Base layer spec that get_gpt_lora_spec wraps, called like --spec.")
     return parser

@@ -37,6 +37,17 @@ _LAZY = {
     "import_peft_adapter": "megatron_lora.peft",
     "merged_weights": "megatron_lora.weight_sync",
     "iter_merged_tensors": "megatron_lora.weight_sync",
+    "full_adapter_tensors": "megatron_lora.adapter_tensors",
+    "iter_peft_tensors": "megatron_lora.peft_tensors",
+    "gather_peft_adapter": "megatron_lora.peft_tensors",
+    "check_lora_sync_args": "megatron_lora.rollout_sync",
+    "rollout_weights": "megatron_lora.rollout_sync",
+    "iter_rollout_tensors": "megatron_lora.rollout_sync",
+    "lora_request_fields": "megatron_lora.rollout_sync",
+    "AdapterSync": "megatron_lora.rollout_sync",
+    "lora_load_request": "megatron_lora.interop.sglang",
+    "lora_unload_request": "megatron_lora.interop.sglang",
+    "weight_version_request": "megatron_lora.interop.sglang",
 }
 
 __all__ = ["LoRAConfig", "add_lora_arguments", "MEGATRON_TARGET_MODULES", "is_lora_parameter",

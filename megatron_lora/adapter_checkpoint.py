@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 
 from lora_common import LoRAConfig
 from lora_common.state import require_state
+from megatron_lora.adapter_tensors import adapter_state, full_adapter_tensors
 from megatron_lora.interop.adapter_file import (
     AdapterCheckpoint,
     read_lora_checkpoint,
@@ -57,38 +57,32 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
-def _is_writer(module, param) -> bool:
-    """Whether this rank writes `param`'s full value: rank 0 of every group it is replicated
-    over (TP and DP; for experts expert-TP and expert-DP, and EP for a matrix shared by the
-    experts)."""
-    if not parallel_state.model_parallel_is_initialized():
-        return True
-    return all(sharding.group_size_rank(group)[1] == 0
-               for group in module.lora_replica_groups(param))
-
-
-def _config_and_geometry(model, modules: dict) -> tuple[LoRAConfig, Geometry]:
+def config_and_geometry(model, modules: dict) -> tuple[LoRAConfig, Geometry]:
     if not modules:
         raise ValueError("the model has no LoRA modules")
     first = next(iter(modules.values()))
     return first.lora_config, Geometry.from_megatron(model_config(model))
 
 
+def gather_to_rank0(contribution: dict) -> dict | None:
+    """Every rank's `contribution` (a dict) merged on rank 0, sorted by name; None elsewhere.
+    Call on every rank."""
+    gathered = {}
+    for received in _gather_to_rank0(contribution):
+        gathered.update(received)
+    _, rank = _world()
+    return dict(sorted(gathered.items())) if rank == 0 else None
+
+
 def gather_adapter(model) -> AdapterCheckpoint | None:
     """The model's adapters as full tensors named by their place in the unsplit model, with
     config and geometry: on rank 0; None on the other ranks. Call on every rank."""
-    config, geometry = _config_and_geometry(model, lora_modules(model))
-    tensors = {}
-    for name, (param, module) in lora_tensors(model).items():
-        full = sharding.full_tensor(param, module.lora_tp_group).cpu()  # every TP rank gathers
-        if _is_writer(module, param):
-            tensors[name] = full
-    # Pipeline stages and expert-parallel ranks hold different adapters; replicas send none.
-    gathered = {}
-    for received in _gather_to_rank0(tensors):
-        gathered.update(received)
-    _, rank = _world()
-    return AdapterCheckpoint(dict(sorted(gathered.items())), config, geometry) if rank == 0 else None
+    config, geometry = config_and_geometry(model, lora_modules(model))
+    # TP-gathered (an expert's over expert-TP: the adapter sync's producer, reading the live
+    # parameters); pipeline stages and expert-parallel ranks hold different adapters, so each
+    # rank's contribution travels to rank 0 (replicas contribute none).
+    tensors = gather_to_rank0(full_adapter_tensors(adapter_state(model), model))
+    return None if tensors is None else AdapterCheckpoint(tensors, config, geometry)
 
 
 def save_lora_checkpoint(model, path: str | Path) -> None:
@@ -103,7 +97,7 @@ def save_lora_checkpoint(model, path: str | Path) -> None:
 
 def _problems(checkpoint: AdapterCheckpoint, model, path: str) -> list[str]:
     """Every way the checkpoint does not fit this rank's part of the model."""
-    config, geometry = _config_and_geometry(model, lora_modules(model))
+    config, geometry = config_and_geometry(model, lora_modules(model))
     problems = []
     for field in FUNCTIONAL_FIELDS:
         mine, theirs = getattr(config, field), getattr(checkpoint.config, field)

@@ -13,17 +13,19 @@ from pathlib import Path
 import torch
 
 from lora_common import LoRAConfig
-from lora_common.peft_files import read_peft_adapter
+from lora_common.peft_files import read_peft_adapter, write_peft_adapter
 from lora_common.state import require_state
-from megatron_lora.adapter_checkpoint import gather_adapter, load_adapter
+from megatron_lora.adapter_checkpoint import load_adapter
+from megatron_lora.adapter_tensors import adapter_state
 from megatron_lora.apply import apply_lora_to_megatron_model, check_model_supports
 from megatron_lora.interop import hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
 from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
-from megatron_lora.interop.peft_export import export_checkpoint
+from megatron_lora.interop.peft_export import export_checkpoint, warn_serving_rank
 from megatron_lora.interop.peft_import import fuse_peft_adapter
 from megatron_lora.model import lora_modules, model_config
+from megatron_lora.peft_tensors import gather_peft_adapter
 
 
 def export_peft_adapter(source, out_dir: str | Path, *,
@@ -36,15 +38,23 @@ def export_peft_adapter(source, out_dir: str | Path, *,
     Mixtral. Experts' shared-outer factors go once in SGLang's form, or into every expert with
     `expand_shared` (vLLM, PEFT)."""
     arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
-    live = not isinstance(source, (str, Path))
-    if live:  # what rank 0 would refuse, refused on every rank (the others wait in a barrier)
-        _check_exportable(source, arch)
-    checkpoint = gather_adapter(source) if live else read_lora_checkpoint(source)
-    if checkpoint is not None:
-        export_checkpoint(checkpoint, out_dir, base_model_name_or_path=base_model_name_or_path,
-                          task_type=task_type, architecture=arch.name,
-                          expand_shared=expand_shared)
-    if live and torch.distributed.is_initialized():
+    if isinstance(source, (str, Path)):
+        export_checkpoint(read_lora_checkpoint(source), out_dir,
+                          base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                          architecture=arch.name, expand_shared=expand_shared)
+        return
+    # what rank 0 would refuse, refused on every rank (the others wait in a barrier)
+    _check_exportable(source, arch)
+    # Live: exactly what the adapter sync sends (gather_peft_adapter), read from the model's
+    # own parameters.
+    adapter = gather_peft_adapter(adapter_state(source), source,
+                                  base_model_name_or_path=base_model_name_or_path,
+                                  task_type=task_type, architecture=arch.name,
+                                  expand_shared=expand_shared)
+    if adapter is not None:
+        warn_serving_rank(adapter.config["r"], stacklevel=3)
+        write_peft_adapter(out_dir, adapter.config, adapter.modules, adapter.shared)
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 

@@ -32,4 +32,10 @@ fi
 echo "installing into $venv from $constraints"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     -c "$constraints" --config-settings editable_mode=compat -e ".[megatron,test]"
+# The SGLang wheel the slime image pins (pinned in the constraints), not installed: its
+# dependencies pin another torch. tests/test_sglang_adapter.py runs its pure-Python LoRA
+# loading code from the wheel, which only this step can fetch (tests run offline).
+"$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+    --platform manylinux_2_34_x86_64 -c "$constraints" -d "$venv/share/megatron-lora" sglang
 echo "$want" > "$venv/.installed"

@@ -49,6 +49,22 @@ def test_exported_adapter_in_real_peft_computes_our_logits(exported):
     assert not [m for m in caught if "unexpected" in m.lower() or "unknown" in m.lower()], caught
 
 
+def test_real_peft_given_the_synced_tensors_in_memory_computes_our_logits(exported):
+    """What the adapter sync hands a rollout engine (config dict and PEFT-named tensors, read
+    from a CPU copy of the parameters, no files), given to real peft, is our model."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+    _, ranks = exported
+    config, tensors = ranks[0]["in_memory"]
+    model = get_peft_model(peft_cases.hf_model(), PeftConfig.from_peft_type(**config))
+    loaded = set_peft_model_state_dict(model, tensors)
+    assert loaded.unexpected_keys == []
+    assert [k for k in loaded.missing_keys if "lora_" in k] == []
+    logits = hf_llama.hf_logits(model.eval(), hf_llama.tokens())
+    hf_llama.assert_logits_close(ranks[0]["logits"], logits)
+    assert ranks[1]["in_memory"] is None  # only rank 0 holds the gathered adapter
+
+
 def test_adapter_config_is_peft_format(exported):
     out, _ = exported
     config = json.loads((out / "peft_live" / "adapter_config.json").read_text())

@@ -222,6 +222,71 @@ def test_colocated_sync_reads_only_the_cpu_backup(run):
     assert rank0["sync"]["delta_applied"] == [1]
 
 
+def _hf_base(run):
+    from support.slime import tiny_qwen2
+
+    return tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict()
+
+
+def _adapter_loads_equal_the_export(loads, export, doubled_after=None):
+    """Each load is the adapter named "policy", its config PEFT's, its tensors (read as SGLang
+    reads the payload) the PEFT export of the same model; from load `doubled_after` on, every
+    B is doubled (the backup's were, between the syncs)."""
+    config, tensors = export
+    for index, (name, sent_config, sent) in enumerate(loads):
+        assert name == "policy"
+        assert sent_config == config  # no rsLoRA here: SGLang's config is PEFT's
+        doubled = doubled_after is not None and index >= doubled_after
+        want = {k: t * 2 if doubled and ".lora_B." in k else t for k, t in tensors.items()}
+        assert sent.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(sent[key], value), (index, key)
+
+
+def test_adapter_sync_colocated_sends_the_unmerged_base_once_then_only_the_adapter(run):
+    """--lora-sync adapter on slime's colocated updater (live weights NaN: the CPU backup is
+    read): the first sync sends the base, unmerged (bit-equal to the HF checkpoint's) and loads
+    the adapter; the second only unloads and loads it again, the new version."""
+    sync = run["ranks"][0]["sync"]["adapter_colocated"]
+    sends = [c for c in sync["calls"] if c.startswith("update_weights_from_tensor")]
+    calls = [c for i, c in enumerate(sync["calls"])
+             if not (c.startswith("update_weights_from_tensor") and i and sync["calls"][i - 1] == c)]
+    assert calls == [
+        "pause_generation", "flush_cache", "update_weights_from_tensor v1",
+        "load_lora_adapter_from_tensors policy", "update_weight_version 1", "continue_generation",
+        "pause_generation", "flush_cache",
+        "unload_lora_adapter policy", "load_lora_adapter_from_tensors policy",
+        "update_weight_version 2", "continue_generation"], sync["calls"]
+    assert sends and set(sends) == {"update_weights_from_tensor v1"}  # the base: first sync only
+    base = _hf_base(run)
+    for part in sync["base"]:  # every engine TP rank: the HF base itself, never merged
+        assert part.keys() == base.keys()
+        assert all(torch.equal(part[n], base[n]) for n in base)
+    assert len(sync["loads"]) == 2
+    _adapter_loads_equal_the_export(sync["loads"], sync["export"], doubled_after=1)
+    assert len(sync["export"][1]) == 2 * 7 * 2  # layers x (q, k, v, o, gate, up, down) x (A, B)
+    assert sync["decoder"] == "sglang"  # read with SGLang's own deserializer, from the wheel
+    for rank in run["ranks"]:
+        assert rank["sync"]["adapter_colocated"]["live_restored"]
+
+
+def test_adapter_sync_distributed_sends_the_unmerged_base_and_the_adapter_over_http(run):
+    """--lora-sync adapter on slime's NCCL updater: its base chunks are the HF base (no
+    adapter folded in, none sent); a later sync loads the adapter read from the live
+    parameters into a non-colocated engine."""
+    base = {}
+    for rank in run["ranks"]:  # each pipeline stage's source rank sends its own layers
+        base.update(rank["sync"]["adapter_distributed"]["base"])
+    hf_base = _hf_base(run)
+    assert base.keys() == hf_base.keys()
+    assert all(torch.equal(base[n], hf_base[n].to(base[n].dtype)) for n in base)
+    sync = run["ranks"][0]["sync"]["adapter_distributed"]
+    assert sync["calls"] == ["pause_generation", "flush_cache",
+                             "load_lora_adapter_from_tensors policy", "update_weight_version 1",
+                             "continue_generation"]
+    _adapter_loads_equal_the_export(sync["loads"], run["ranks"][0]["sync"]["adapter_colocated"]["export"])
+
+
 def test_save_model_writes_the_adapter_file(run):
     from megatron_lora import read_lora_checkpoint
 

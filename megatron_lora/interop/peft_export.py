@@ -103,23 +103,38 @@ def serving_warnings(r: int) -> list[str]:
             f"serve with vLLM --max-lora-rank {fitting[0]} (SGLang: --max-lora-rank {r} or more)"]
 
 
+def peft_config(checkpoint: AdapterCheckpoint, keys, adapters, shared, *,
+                base_model_name_or_path: str | None = None,
+                task_type: str = "CAUSAL_LM") -> dict:
+    """The `adapter_config.json` dict of the PEFT adapter made of `adapters` and `shared` (HF
+    module names, every layer's) for the adapter checkpoint keys `keys` (every layer's) and
+    `checkpoint`'s config and geometry (its tensors are not read)."""
+    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
+    # so PEFT adapts exactly the modules that have tensors.
+    dense_targets = sorted({parse_adapter_key(k).target for k in keys
+                            if parse_adapter_key(k).kind not in (EXPERTS, SHARED_EXPERTS)})
+    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in dense_targets
+                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
+    leaves = {name.rsplit(".", 1)[1] for name in (*adapters, *shared)}
+    return adapter_config_dict(
+        checkpoint.config, sorted(leaves), exclude_modules=excluded,
+        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+
+
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,
                       base_model_name_or_path: str | None = None,
                       task_type: str = "CAUSAL_LM", architecture: str = "LlamaForCausalLM",
                       expand_shared: bool = False) -> dict:
     """Write `checkpoint` as a PEFT adapter folder; returns the adapter_config written."""
     adapters, shared = peft_modules(checkpoint, architecture, expand_shared)
-    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
-    # so PEFT adapts exactly the modules that have tensors.
-    dense_targets = sorted({parse_adapter_key(k).target for k in checkpoint.tensors
-                            if parse_adapter_key(k).kind not in (EXPERTS, SHARED_EXPERTS)})
-    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in dense_targets
-                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
-    leaves = {name.rsplit(".", 1)[1] for name in (*adapters, *shared)}
-    config = adapter_config_dict(
-        checkpoint.config, sorted(leaves), exclude_modules=excluded,
-        task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-    for note in serving_warnings(checkpoint.config.r):
-        warnings.warn(f"export_peft_adapter: {note}", stacklevel=3)
+    config = peft_config(checkpoint, checkpoint.tensors, adapters, shared,
+                         base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    warn_serving_rank(checkpoint.config.r)
     write_peft_adapter(out_dir, config, adapters, shared)
     return config
+
+
+def warn_serving_rank(r: int, stacklevel: int = 4) -> None:
+    """Warn (from the caller's caller's caller, by default) what serving engines say of rank r."""
+    for note in serving_warnings(r):
+        warnings.warn(f"export_peft_adapter: {note}", stacklevel=stacklevel)

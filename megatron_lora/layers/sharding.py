@@ -82,11 +82,31 @@ def full_tensor(param: torch.Tensor, group) -> torch.Tensor:
     """The unsharded value of a parameter carrying Megatron's TP attributes
     (`tensor_model_parallel`, `partition_dim`, `partition_stride`): an all-gather over `group`
     for a split one, a copy for a replicated one. Call on every rank of `group`."""
-    if not getattr(param, "tensor_model_parallel", False) or group_size_rank(group)[0] == 1:
-        return param.detach().clone()
-    shards = [torch.empty_like(param) for _ in range(group.size())]
-    torch.distributed.all_gather(shards, param.detach().contiguous(), group=group)
-    return unshard(shards, param.partition_dim, param.partition_stride)
+    return full_value(param, param, group)
+
+
+def full_value(value: torch.Tensor, like: torch.Tensor, group) -> torch.Tensor:
+    """The unsharded value of `value`, this rank's shard of a tensor laid out like the parameter
+    `like` (a trainer's CPU copy of it carries no TP attributes). Only a split tensor moves: an
+    all-gather over `group`, on the device the group's backend needs (CUDA for NCCL), the
+    result on `value`'s device. Call on every rank of `group`."""
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"full_value: shard of shape {tuple(value.shape)}, the parameter's is "
+                         f"{tuple(like.shape)}")
+    if not getattr(like, "tensor_model_parallel", False) or group_size_rank(group)[0] == 1:
+        return value.detach().clone()
+    local = value.detach().to(collective_device(group)).contiguous()
+    shards = [torch.empty_like(local) for _ in range(group.size())]
+    torch.distributed.all_gather(shards, local, group=group)
+    return unshard(shards, like.partition_dim, like.partition_stride).to(value.device)
+
+
+def collective_device(group) -> torch.device:
+    """Where tensors of a collective over `group` must live: the current CUDA device for NCCL,
+    the CPU for gloo."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def full_shape(param: torch.Tensor, group) -> list[int]:

@@ -28,8 +28,8 @@ def cross_entropy_loss(model, step: int) -> torch.Tensor:
 def train_and_export(out_dir: str, model_type: str):
     """At TP=2: LoRA on the converted GPT, 3 Adam steps, then export to PEFT (live) and save an
     adapter checkpoint; our logits come back for the oracle comparison."""
-    from megatron_lora import (export_peft_adapter, lora_spec, mark_only_lora_as_trainable,
-                               save_lora_checkpoint)
+    from megatron_lora import (export_peft_adapter, gather_peft_adapter, lora_spec,
+                               mark_only_lora_as_trainable, save_lora_checkpoint)
 
     hf = hf_model(model_type)
     spec = lora_spec(hf_llama.local_spec(hf.config), CONFIG)
@@ -41,7 +41,13 @@ def train_and_export(out_dir: str, model_type: str):
     export_peft_adapter(model, f"{out_dir}/peft_live", base_model_name_or_path="tiny-llama",
                         architecture=hf.config.architectures[0])
     save_lora_checkpoint(model, f"{out_dir}/adapter.safetensors")
-    return {"losses": losses, "logits": hf_llama.gpt_logits(model, hf_llama.tokens())}
+    # What the adapter sync sends: read from a CPU copy of every parameter under slime-style
+    # names, no files (rank 0 gets it)
+    backup = {f"module.module.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    adapter = gather_peft_adapter(backup, model)
+    in_memory = None if adapter is None else (adapter.config, adapter.tensors())
+    return {"losses": losses, "logits": hf_llama.gpt_logits(model, hf_llama.tokens()),
+            "in_memory": in_memory}
 
 
 def import_and_compare(adapter_dirs: list[str], layouts):

@@ -22,6 +22,9 @@ class _Method:
     def remote(self, *args, **kwargs):
         import ray
 
+        # Ray hands an actor the values of ObjectRefs passed as top-level arguments
+        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+        kwargs = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kwargs.items()}
         return ray.put(self._fn(*args, **kwargs))
 
 
@@ -49,7 +52,55 @@ class _Generation(RemoteCalls):
         self.calls.append("continue_generation")
 
 
-class ColocatedEngine(_Generation):
+def _deserialize(payload: str):
+    """`serialized_tensors` read as every SGLang TP rank reads it: SGLang's own
+    `MultiprocessingSerializer.deserialize`, from the pinned wheel (`support/sglang_wheel.py`)
+    when it is here, else the plain unpickling it amounts to for inline CPU tensors."""
+    from support import sglang_wheel
+
+    if sglang_wheel.missing_reason() is None:
+        return sglang_wheel.serializer().deserialize(payload), "sglang"
+    import base64
+    import pickle
+
+    return pickle.loads(base64.b64decode(payload)), "pickle"
+
+
+class _LoRAServing(_Generation):
+    """SGLang's dynamic adapter API as slime's engine actor calls it (`--lora-sync adapter`):
+    a name already loaded is refused and an unknown one cannot be unloaded, as in SGLang."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters: dict[str, tuple[dict, dict]] = {}  # loaded: name -> (config, tensors)
+        self.loads: list[tuple[str, dict, dict[str, torch.Tensor]]] = []
+        self.decoder = None
+
+    def load_lora_adapter_from_tensors(self, lora_name, config_dict, serialized_tensors):
+        if lora_name in self.adapters:
+            raise ValueError(f"Failed to load LoRA adapter {lora_name} because it is already "
+                             f"loaded")
+        tensors, self.decoder = _deserialize(serialized_tensors)
+        self.calls.append(f"load_lora_adapter_from_tensors {lora_name}")
+        self.adapters[lora_name] = (config_dict, tensors)
+        self.loads.append((lora_name, config_dict, tensors))
+        return {"success": True}
+
+    def unload_lora_adapter(self, lora_name):
+        if lora_name not in self.adapters:
+            raise ValueError(f"LoRA adapter {lora_name} is not loaded")
+        self.calls.append(f"unload_lora_adapter {lora_name}")
+        del self.adapters[lora_name]
+
+    def update_weight_version(self, new_version):
+        self.calls.append(f"update_weight_version {new_version}")
+
+
+class DistributedEngine(_LoRAServing):
+    """A non-colocated engine as the NCCL updater's adapter sync reaches it (HTTP only)."""
+
+
+class ColocatedEngine(_LoRAServing):
     """`update_weights_from_tensor` as SGLang's colocated engine receives it: one serialized
     flattened bucket per engine TP rank, in the training ranks' order."""
 

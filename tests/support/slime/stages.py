@@ -12,7 +12,8 @@ One launch per layout; the stages share its actors:
               Megatron-LM's own `load_checkpoint` (unpatched), under every strictness
   train       two rollouts of `actor.train`
   sync        every weight-sync transport's HF tensors (colocated with the live weights
-              poisoned, NCCL chunks, disk, disk delta), and `--save-hf`
+              poisoned, NCCL chunks, disk, disk delta), and `--save-hf`; with `--lora-sync
+              adapter`, the colocated and the NCCL updaters' base and adapter loads
   save        `save_model`: Megatron checkpoint plus adapter.safetensors
   resume      a new actor with `--load <save>`
 """
@@ -156,6 +157,108 @@ def _capture_nccl_chunks(actor) -> dict[str, torch.Tensor]:
     return {name: t.clone() for chunk in updater._iter_non_expert_chunks() for name, t in chunk}
 
 
+def _adapter_mode(actor):
+    """The actor's args switched to `--lora-sync adapter` (and checked as slime's parse_args
+    checks them); the patched weights_getter reads `actor.args` at each call."""
+    from megatron_lora import check_lora_sync_args
+
+    args = actor.args
+    args.lora_sync = "adapter"
+    # --colocate turns --offload-rollout on; SGLang keeps its base through an offload with a
+    # CPU copy of its weights (else the base is resent every sync: test_rollout_sync.py)
+    args.sglang_enable_weights_cpu_backup = True
+    check_lora_sync_args(args)  # --debug-train-only: no SGLang flags to ask for
+    return args
+
+
+def _capture_adapter_colocated(actor, work) -> dict:
+    """`--lora-sync adapter` on the colocated path: slime's UpdateWeightFromTensor, two syncs
+    into an engine spanning both ranks, every live weight poisoned (the CPU backup is read);
+    between them every B of the backup doubled (a new adapter version). Also the PEFT export
+    of the same model, to compare the payloads with."""
+    import torch.distributed as dist
+
+    from megatron_lora import export_peft_adapter
+
+    from slime.backends.megatron_utils.update_weight.update_weight_from_tensor import (
+        UpdateWeightFromTensor,
+    )
+
+    args = _adapter_mode(actor)
+    export_peft_adapter(actor.model, f"{work}/peft-export")
+    updater = UpdateWeightFromTensor(args, actor.model,
+                                     weights_getter=actor.weight_updater.weights_getter,
+                                     model_name=actor.weight_updater.model_name,
+                                     quantization_config=None)
+    engine = engines.ColocatedEngine()
+    updater.connect_rollout_engines([engine], engines.Lock(), engine_gpu_counts=[2],
+                                    engine_gpu_offsets=[0])
+    live = [p for chunk in actor.model for p in chunk.parameters()]
+    kept = [p.detach().clone() for p in live]
+    backup = actor.weights_backuper.get("actor")
+    b_names = [n for n in backup if n.endswith("lora_B.weight")]
+    try:
+        with torch.no_grad():
+            for param in live:
+                param.fill_(float("nan"))
+        updater.update_weights()
+        with torch.no_grad():
+            for name in b_names:
+                backup[name].mul_(2)
+        updater.update_weights()
+    finally:
+        with torch.no_grad():
+            for name in b_names:
+                backup[name].div_(2)
+            for param, value in zip(live, kept):
+                param.copy_(value)
+        args.lora_sync, args.sglang_enable_weights_cpu_backup = "merged", None
+    dist.barrier()
+    export = _read_peft_export(f"{work}/peft-export") if dist.get_rank() == 0 else None
+    return {"base": engine.received, "calls": engine.calls, "loads": engine.loads,
+            "decoder": engine.decoder, "export": export,
+            "live_restored": all(torch.equal(p, v) for p, v in zip(live, kept))}
+
+
+def _capture_adapter_distributed(actor) -> dict:
+    """`--lora-sync adapter` on the NCCL updater (UpdateWeightFromDistributed): its base chunks,
+    unmerged, and a sync after the first (the base already sent), whose adapter reaches a
+    non-colocated engine over HTTP (no NCCL group is needed for it)."""
+    from megatron.core import mpu
+
+    from slime.backends.megatron_utils.update_weight.update_weight_from_distributed import (
+        UpdateWeightFromDistributed,
+    )
+
+    args = _adapter_mode(actor)
+    try:
+        updater = UpdateWeightFromDistributed(
+            args, actor.model, weights_getter=actor.weight_updater.weights_getter,
+            model_name=actor.weight_updater.model_name, quantization_config=None)
+        updater._is_pp_src_rank = (mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+                                   and mpu.get_tensor_model_parallel_rank() == 0)
+        updater._group_name = "slime-pp_test"
+        base = {name: t.clone() for chunk in updater._iter_non_expert_chunks() for name, t in chunk}
+        engine = engines.DistributedEngine()
+        updater.rollout_engines = [engine]
+        updater.lora_sync.connect([engine])
+        updater.lora_sync.base_sent = True  # what the first sync (its NCCL broadcast) recorded
+        updater.update_weights()
+    finally:
+        args.lora_sync, args.sglang_enable_weights_cpu_backup = "merged", None
+    return {"base": base, "calls": engine.calls, "loads": engine.loads}
+
+
+def _read_peft_export(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
 def _read_hf_folder(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -293,6 +396,8 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
     sync["nccl"] = _capture_nccl_chunks(actor)
     sync["disk"] = _capture_disk(actor, work)
     sync["delta"], sync["delta_applied"] = _capture_delta(actor, work, hf)
+    sync["adapter_colocated"] = _capture_adapter_colocated(actor, work)
+    sync["adapter_distributed"] = _capture_adapter_distributed(actor)
     out["trained_log_probs"] = [_log_probs(actor, args, r) for r in range(2)]
     out["trained_logits"] = _logits(actor, 0)
 

@@ -1,0 +1,159 @@
+"""SGLang's adapter-loading API (v0.5.15.post1, the version slime 624b824a's image pins), as the
+adapter sync feeds it: the request, the payload, the config SGLang reads, the server flags.
+No SGLang, Megatron or Ray import; where each fact is in SGLang's source: patches/README.md,
+"Adapter-only sync: what SGLang does".
+
+- `POST /load_lora_adapter_from_tensors` takes `{lora_name, config_dict, serialized_tensors}`;
+  `serialized_tensors` is ONE string that every TP rank of the engine deserializes (with
+  `MultiprocessingSerializer.deserialize`: base64, then its restricted unpickler), and each rank
+  slices the full tensors for itself. ForkingPickler's CPU tensors travel as file descriptors
+  that can be received once, so the second TP rank would fail; a plain pickle carries the bytes
+  inline, which any number of ranks (on any node) can read.
+- A name already loaded is refused: each sync unloads, then loads (`unload_lora_adapter` waits
+  for the adapter's in-flight requests; slime pauses in abort mode, so there are none).
+- SGLang's scaling is `lora_alpha / r` whatever `use_rslora` says; an rsLoRA adapter is sent
+  with `lora_alpha * sqrt(r)` so that SGLang computes `alpha / sqrt(r)`.
+- Generation names the adapter in `/generate`'s `lora_path` (the name, not a path).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import pickle
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+# The one name the trained adapter is loaded under (and generation asks for).
+ADAPTER_NAME = "policy"
+
+# Endpoints of SGLang's HTTP server the sync calls (slime's engine actor POSTs JSON to them).
+LOAD_ENDPOINT = "load_lora_adapter_from_tensors"
+UNLOAD_ENDPOINT = "unload_lora_adapter"
+WEIGHT_VERSION_ENDPOINT = "update_weight_version"
+
+
+# SGLang fuses q/k/v and gate/up into one LoRA slot each; a server target list is compared in
+# these fused names (its get_normalized_target_modules).
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def normalized_targets(modules: Iterable[str]) -> set[str]:
+    """HF leaf names as SGLang's LoRA memory pool names them (q_proj -> qkv_proj, ...)."""
+    return {_FUSED.get(m, m) for m in modules}
+
+
+def serving_config(peft_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `config_dict` to send for a PEFT `adapter_config`: the same adapter as SGLang
+    computes it. rsLoRA is folded into `lora_alpha` (SGLang ignores `use_rslora`)."""
+    config = dict(peft_config)
+    config["target_modules"] = list(config["target_modules"])
+    if config.get("use_rslora"):
+        alpha = config["lora_alpha"] * math.sqrt(config["r"])
+        config["lora_alpha"] = int(alpha) if float(alpha).is_integer() else alpha
+        config["use_rslora"] = False
+    return config
+
+
+def scaling(config: Mapping[str, Any]) -> float:
+    """The scaling SGLang applies for a `config_dict` (`lora_alpha / r`)."""
+    return config["lora_alpha"] / config["r"]
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """`serialized_tensors` for `{PEFT key: tensor}`: base64 of a plain pickle of contiguous
+    CPU tensors (bytes inline: readable by every TP rank of the engine, on any node)."""
+    compact: dict[int, torch.Tensor] = {}  # by id: a tensor sent under several keys goes once
+    plain = {name: compact.setdefault(id(t), _own_storage(t)) for name, t in tensors.items()}
+    with _torch_storage_reduction():
+        data = pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    return base64.b64encode(data).decode()
+
+
+_REDUCTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_storage_reduction():
+    """Pickle storages as torch does, by `torch.storage._load_from_bytes`. megatron-core 0.19
+    replaces that function with its own (`megatron.core.safe_globals.safe_load_from_bytes`),
+    so a storage pickled in a trainer that imported it names a megatron class, which SGLang's
+    restricted unpickler refuses. Only the name is pickled: SGLang calls its own torch's."""
+    current = torch.storage._load_from_bytes
+    if current.__module__ == "torch.storage":
+        yield
+        return
+
+    def _load_from_bytes(b):  # what the pickle names; the receiver resolves torch's own
+        return current(b)
+
+    _load_from_bytes.__module__, _load_from_bytes.__qualname__ = "torch.storage", "_load_from_bytes"
+    with _REDUCTION_LOCK:
+        torch.storage._load_from_bytes = _load_from_bytes
+        try:
+            yield
+        finally:
+            torch.storage._load_from_bytes = current
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU in a storage of its own size: pickle writes a tensor's whole storage,
+    and a PEFT B split from a fused B is a view of all of it (q/k/v would each carry the fused
+    B)."""
+    tensor = tensor.detach().to("cpu")
+    nbytes = tensor.numel() * tensor.element_size()
+    if (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == nbytes):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def lora_load_request(config_dict: Mapping[str, Any], serialized_tensors: str,
+                 name: str = ADAPTER_NAME) -> dict[str, Any]:
+    """The JSON body of `POST /load_lora_adapter_from_tensors`."""
+    return {"lora_name": name, "config_dict": dict(config_dict),
+            "serialized_tensors": serialized_tensors}
+
+
+def lora_unload_request(name: str = ADAPTER_NAME) -> dict[str, Any]:
+    """The JSON body of `POST /unload_lora_adapter`."""
+    return {"lora_name": name}
+
+
+def weight_version_request(version) -> dict[str, Any]:
+    """The JSON body of `POST /update_weight_version` (generation is paused: abort nothing)."""
+    return {"new_version": str(version), "abort_all_requests": False}
+
+
+def server_flag_problems(*, r: int, target_modules: Iterable[str], enable_lora,
+                         max_lora_rank, lora_target_modules, dp_size, max_loaded_loras,
+                         prefix: str = "--") -> list[str]:
+    """What keeps an SGLang server started with these arguments from serving an adapter of rank
+    `r` on the HF modules `target_modules` (q_proj, ...), loaded from tensors at each sync.
+    Flags are named with `prefix` (slime passes SGLang's flags on as `--sglang-*`)."""
+    def flag(field):
+        return prefix + field.replace("_", "-")
+
+    problems = []
+    if not enable_lora:
+        problems.append(f"{flag('enable_lora')} is off: SGLang refuses adapter loads without it")
+    if max_lora_rank is None or max_lora_rank < r:
+        problems.append(f"{flag('max_lora_rank')} is {max_lora_rank}, the adapter's rank is {r} "
+                        f"(without {flag('lora_paths')} SGLang needs both "
+                        f"{flag('max_lora_rank')} and {flag('lora_target_modules')})")
+    served = set(lora_target_modules or ())
+    missing = sorted(normalized_targets(target_modules) - normalized_targets(served))
+    if "all" not in served and missing:
+        problems.append(f"{flag('lora_target_modules')} {sorted(served) or None} lacks {missing}")
+    if dp_size not in (None, 1):
+        problems.append(f"{flag('dp_size')} is {dp_size}: SGLang loads and unloads adapters only "
+                        f"at dp_size 1")
+    if max_loaded_loras is not None:
+        problems.append(f"{flag('max_loaded_loras')} is {max_loaded_loras}: an adapter it evicts "
+                        f"is reloaded from its path, which a tensor-loaded adapter does not have")
+    return problems
