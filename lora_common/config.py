@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lora_common import targets as target_names
+
 # The linears LoRA adapts when the user names none. Megatron fuses q/k/v into `linear_qkv`
 # and gate/up into `linear_fc1`; HuggingFace Llama-family models keep them separate. Module-name
 # lists are sets: kept sorted, as PEFT writes them.
@@ -19,6 +21,10 @@ MEGATRON_TARGET_MODULES = ("linear_fc1", "linear_fc2", "linear_proj", "linear_qk
 HF_TARGET_MODULES = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
 
 A_INITS = ("kaiming", "gaussian")
+
+# Fields added after adapter checkpoints were first written: a saved header without them means
+# the default (an older file is read as what it was).
+_ADDED_FIELDS = ("canonical",)
 
 
 def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
@@ -45,6 +51,12 @@ class LoRAConfig:
 
     `target_modules=None` means the backend's standard set (`MEGATRON_TARGET_MODULES` or
     `HF_TARGET_MODULES`); `resolve_targets` fills it in.
+
+    `canonical` (Megatron): one adapter per projection inside the fused `linear_qkv` (q, k, v)
+    and `linear_fc1` (gate, up), PEFT's model, instead of one adapter whose A the projections
+    share; targets may then name projections (`linear_q`, `linear_fc1_up`, see
+    `lora_common.targets`). `fsdp_lora` adapts HF's separate projections, per projection
+    whatever this field says.
     """
 
     r: int = 16
@@ -56,12 +68,16 @@ class LoRAConfig:
     init: str = "kaiming"
     only_trainable: bool = True
     seed: int = 0
+    canonical: bool = False
 
     def __post_init__(self) -> None:
         # frozen: normalize through object.__setattr__ before validating.
         object.__setattr__(self, "target_modules", _names(self.target_modules, "target_modules"))
         object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules") or ())
         self._validate()
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", target_names.normalize_targets(
+                self.target_modules, self.canonical))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
@@ -83,9 +99,10 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {A_INITS}, got {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LoRAConfig.seed must be an int, got {self.seed!r}")
-        for flag in ("use_rslora", "only_trainable"):
+        for flag in ("use_rslora", "only_trainable", "canonical"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRAConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        target_names.check_targets(self.target_modules or (), self.canonical)
 
     @property
     def scaling(self) -> float:
@@ -97,6 +114,14 @@ class LoRAConfig:
         if self.target_modules is not None:
             return self
         return dataclasses.replace(self, target_modules=default)
+
+    def module_targets(self) -> dict[str, tuple[str, ...]]:
+        """`{module name: projections}` of the resolved targets: the linears that get LoRA and,
+        in canonical mode, the projections of a fused one that get an adapter each (`()`: one
+        adapter for the module). See `lora_common.targets`."""
+        if self.target_modules is None:
+            raise ValueError("LoRAConfig.module_targets: resolve_targets first")
+        return target_names.module_targets(self.target_modules, self.canonical)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; `from_dict` inverts it."""
@@ -113,7 +138,7 @@ class LoRAConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        missing = sorted(known - set(data))
+        missing = sorted(known - set(data) - set(_ADDED_FIELDS))
         if require_all and missing:
             raise ValueError(f"LoRAConfig: missing field(s) {missing}")
         return cls(**data)
@@ -152,4 +177,5 @@ class LoRAConfig:
             init=getattr(args, "lora_init", default.init),
             only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
             seed=seed,
+            canonical=getattr(args, "lora_canonical", default.canonical),
         )

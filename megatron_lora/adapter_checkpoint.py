@@ -27,8 +27,7 @@ from megatron_lora.layers import sharding
 from megatron_lora.model import lora_modules
 
 # Fields of LoRAConfig that change what an adapter computes; a checkpoint must agree on them.
-FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules")
-MATRICES = ("lora_A", "lora_B")
+FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "canonical")
 
 
 def _world() -> tuple[int, int]:
@@ -76,10 +75,8 @@ def gather_adapter(model) -> AdapterCheckpoint | None:
     config, geometry = _config_and_geometry(modules)
     tensors = {}
     for name, module in modules.items():
-        for matrix in MATRICES:
-            param = getattr(module, matrix).weight
-            tensors[f"{name}.{matrix}.weight"] = sharding.full_tensor(
-                param, module.lora_tp_group).cpu()
+        for key, param in module.lora_parameters().items():
+            tensors[f"{name}.{key}"] = sharding.full_tensor(param, module.lora_tp_group).cpu()
     # Pipeline stages hold different layers; TP ranks (after the gather) and data-parallel
     # replicas hold the same ones: one copy of each travels to rank 0.
     gathered = {}
@@ -112,12 +109,12 @@ def _problems(checkpoint: AdapterCheckpoint, modules: dict, path: str) -> list[s
     except ValueError as error:
         problems.append(f"{path}: {error}")
     for name, module in modules.items():
-        for matrix in MATRICES:
-            key = f"{name}.{matrix}.weight"
+        for relative, param in module.lora_parameters().items():
+            key = f"{name}.{relative}"
             if key not in checkpoint.tensors:
                 problems.append(f"{path} lacks tensor {key}")
                 continue
-            shape = sharding.full_shape(getattr(module, matrix).weight, module.lora_tp_group)
+            shape = sharding.full_shape(param, module.lora_tp_group)
             if list(checkpoint.tensors[key].shape) != shape:
                 problems.append(f"{path}: tensor {key} has shape "
                                 f"{list(checkpoint.tensors[key].shape)}, the model needs {shape}")
@@ -141,7 +138,8 @@ def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
     # The expected key set spans every pipeline stage; each rank knows only its own layers.
     expected, problems = set(), []
     for keys, rank_problems in _all_gather_objects(
-            ({f"{n}.{m}.weight" for n in modules for m in MATRICES}, local_problems)):
+            ({f"{n}.{key}" for n, m in modules.items() for key in m.lora_parameters()},
+             local_problems)):
         expected |= keys
         problems += [p for p in rank_problems if p not in problems]
     extra = sorted(set(checkpoint.tensors) - expected)
@@ -151,7 +149,6 @@ def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
         raise ValueError(f"cannot load adapter from {source}: " + "; ".join(problems))
     with torch.no_grad():
         for name, module in modules.items():
-            for matrix in MATRICES:
-                param = getattr(module, matrix).weight
-                full = checkpoint.tensors[f"{name}.{matrix}.weight"]
+            for key, param in module.lora_parameters().items():
+                full = checkpoint.tensors[f"{name}.{key}"]
                 param.copy_(sharding.local_shard(full, param, module.lora_tp_group))

@@ -15,7 +15,14 @@ from megatron.core.distributed import DistributedDataParallel
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
-from megatron_lora.layers.placement import check_exclusions, place_adapter, place_lora
+from lora_common.targets import target_of_module
+from megatron_lora.layers.placement import (
+    add_lora_in_place,
+    check_exclusions,
+    place_adapter,
+    place_lora,
+)
+from megatron_lora.layers.canonical import projection_layout
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
 
@@ -30,7 +37,8 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
         MEGATRON_TARGET_MODULES)
     chunks = model_chunks(model)
     _check_not_wrapped(chunks)
-    targets = set(config.target_modules)
+    modules = config.module_targets()
+    targets = set(modules)
     # Validate everything before touching anything.
     found, linears, to_convert = set(), set(), []
     for chunk in chunks:
@@ -44,11 +52,13 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
             if not supports_lora(type(module)):
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, "
                                  f"not a Megatron parallel linear LoRA supports")
-            if is_lora_linear(module):
-                lora_linear_class(type(module), config)  # raises if its config differs
-            else:
-                to_convert.append(module)
-    missing = sorted(targets - found)
+            # Raises for a LoRA module of another config, and for a class it cannot make.
+            lora_linear_class(type(module), config, modules[leaf])
+            if not is_lora_linear(module):
+                if modules[leaf]:
+                    projection_layout(module, modules[leaf])  # canonical: refuses a geometry
+                to_convert.append((name, module))
+    missing = sorted(target_of_module(m, config.target_modules) for m in targets - found)
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no module of the model; "
                          f"its parallel linears are {sorted(linears)}")
@@ -57,9 +67,8 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
 
     if not to_convert:
         return model  # already carries this LoRA
-    for module in to_convert:
-        module.__class__ = lora_linear_class(type(module), config)
-        module.add_lora()
+    for name, module in to_convert:
+        add_lora_in_place(module, config, name)
     for chunk in chunks:
         layers = transformer_layers(chunk)
         for layer in layers.values():

@@ -15,14 +15,16 @@ from pathlib import Path
 def _export_peft(args: argparse.Namespace) -> int:
     from megatron_lora.interop import hf_mapping
     from megatron_lora.interop.adapter_file import read_lora_checkpoint
-    from megatron_lora.interop.peft_export import export_checkpoint
+    from megatron_lora.interop.peft_export import architecture_warnings, export_checkpoint
 
-    hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
+    arch = hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")
-    export_checkpoint(read_lora_checkpoint(args.checkpoint), out,
-                      base_model_name_or_path=args.base_model)
+    checkpoint = read_lora_checkpoint(args.checkpoint)
+    for note in architecture_warnings(arch, checkpoint.config.target_modules):
+        print(f"megatron-lora export-peft: warning: {note}", file=sys.stderr)
+    export_checkpoint(checkpoint, out, base_model_name_or_path=args.base_model)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="folder to write adapter_config.json and adapter_model.safetensors")
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
     export.add_argument("--architecture", default="LlamaForCausalLM",
-                        help="HF architecture of the base model (Llama family)")
+                        help="HF architecture of the base model (Llama family, "
+                             "DeepseekV3ForCausalLM)")
     export.set_defaults(run=_export_peft)
 
     inspect = commands.add_parser("inspect", help="describe an adapter checkpoint or PEFT folder")

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from lora_common import LoRAConfig
 from lora_common.peft_files import read_peft_adapter
 from lora_common.state import require_state
 from megatron_lora.adapter_checkpoint import gather_adapter, load_adapter
@@ -20,8 +21,9 @@ from megatron_lora.apply import apply_lora_to_megatron_model
 from megatron_lora.interop import hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
 from megatron_lora.interop.geometry import Geometry
-from megatron_lora.interop.peft_export import export_checkpoint
+from megatron_lora.interop.peft_export import architecture_warnings, export_checkpoint
 from megatron_lora.interop.peft_import import fuse_peft_adapter
+from megatron_lora.interop.peft_import_canonical import peft_adapter_per_projection
 from megatron_lora.model import lora_modules, model_chunks
 
 
@@ -31,45 +33,67 @@ def export_peft_adapter(source, out_dir: str | Path, *,
                         task_type: str = "CAUSAL_LM") -> None:
     """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
     checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
-    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout."""
-    hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
+    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout, and
+    DeepseekV3ForCausalLM (multi-latent attention) maps each MLA linear 1:1."""
+    arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
     live = not isinstance(source, (str, Path))
     checkpoint = gather_adapter(source) if live else read_lora_checkpoint(source)
     if checkpoint is not None:
+        for note in architecture_warnings(arch, checkpoint.config.target_modules):
+            warnings.warn(f"export_peft_adapter: {note}", stacklevel=2)
         export_checkpoint(checkpoint, out_dir, base_model_name_or_path=base_model_name_or_path,
                           task_type=task_type)
     if live and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def _geometry(model) -> Geometry:
+def _transformer_config(model):
     for chunk in model_chunks(model):
         for module in chunk.modules():
             config = getattr(module, "config", None)
             if config is not None and hasattr(config, "num_attention_heads"):
-                return Geometry.from_megatron(config)
+                return config
     raise ValueError("import_peft_adapter: found no TransformerConfig in the model")
 
 
-def import_peft_adapter(model, adapter_dir: str | Path) -> LoRAConfig:
+def _geometry(model) -> Geometry:
+    return Geometry.from_megatron(_transformer_config(model))
+
+
+def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None = None
+                        ) -> LoRAConfig:
     """Load a PEFT LoRA adapter (made for the HF twin of this model) into a Megatron model at
     any TP/PP size, exactly, and return the LoRA config it now carries. The model may carry no
     LoRA yet, or LoRA of another rank (it is rebuilt). Call on every rank. Bad input (unknown
     keys, shapes or layers that do not fit the model) raises `ValueError` naming the key,
-    before the model is touched."""
+    before the model is touched.
+
+    `canonical=True`: each PEFT module's adapter becomes its projection's own adapter, at
+    PEFT's rank (`interop/peft_import_canonical.py`): PEFT's model, also once it trains.
+    `canonical=False`: q/k/v (gate/up) fuse into one adapter of the stacked rank with a
+    block-structured B (`interop/peft_import.py`): PEFT's function, not its training. None:
+    the mode of the LoRA the model carries, else `LoRAConfig`'s default (fused)."""
     source = str(adapter_dir)
     existing = lora_modules(model)
     if existing:  # the adapters may be rebuilt below: refuse a merged model before that
         require_state(existing, "import_peft_adapter", merged=False, model=model)
-    adapter = read_peft_adapter(adapter_dir)
-    geometry = _geometry(model)
-    tensors, rank, alpha = fuse_peft_adapter(adapter, geometry, source)
-    targets = {hf_mapping.parse_megatron_module(k.rsplit(".lora_", 1)[0])[1] for k in tensors}
     existing = list(existing.values())
     previous = existing[0].lora_config if existing else LoRAConfig()
+    canonical = previous.canonical if canonical is None else canonical
+    adapter = read_peft_adapter(adapter_dir)
+    transformer_config = _transformer_config(model)
+    geometry = Geometry.from_megatron(transformer_config)
+    attention = "mla" if getattr(transformer_config, "multi_latent_attention", False) else "standard"
+    if canonical:
+        tensors, target_modules = peft_adapter_per_projection(adapter, geometry, source, attention)
+        rank, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+    else:
+        tensors, rank, alpha = fuse_peft_adapter(adapter, geometry, source, attention)
+        target_modules = sorted({hf_mapping.parse_megatron_module(k.rsplit(".lora_", 1)[0])[1]
+                                 for k in tensors})
     config = LoRAConfig(
         r=rank, alpha=alpha, dropout=float(adapter.config.get("lora_dropout") or 0.0),
-        target_modules=[t for t in MEGATRON_TARGET_MODULES if t in targets],
+        target_modules=target_modules, canonical=canonical,
         use_rslora=bool(adapter.config.get("use_rslora", False)),
         init="gaussian" if adapter.config.get("init_lora_weights") == "gaussian" else "kaiming",
         only_trainable=previous.only_trainable, seed=previous.seed)

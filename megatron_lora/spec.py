@@ -8,6 +8,12 @@ so the model keeps every base name and Megatron's sharded-state-dict maps still 
 A spec is a tree of `ModuleSpec`s and `*Submodules` dataclasses; megatron-core 0.19 also uses
 `functools.partial(Cls.as_..._submodule, submodules=...)` for some nodes. The walk looks
 inside all three, so specs from other packages (slime's, MoE block specs) work too.
+
+Inside a module that picks how to build a submodule by testing its class for identity
+(`class_testing_modules()`: multi-latent attention), a LoRA subclass would be refused or replaced
+by the base class, so the walk leaves those targets as they are; the LoRA layer converts them in
+place once it is built (`layers/placement.py`), and the model is the same as if they had been
+swapped.
 """
 
 from __future__ import annotations
@@ -20,8 +26,17 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from lora_common.targets import target_of_module
 from megatron_lora.layers.placement import check_exclusions, lora_layer_class
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
+
+
+def class_testing_modules() -> tuple[type, ...]:
+    """Modules whose constructor tests a submodule's class for identity (`cls in [TELinear]`
+    in MLA's down projections, `is` in megatron-core 0.19's MLA q/k-norm resolver)."""
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    return (MultiLatentAttention,)
 
 
 def lora_spec(spec: Any, config: LoRAConfig) -> Any:
@@ -41,7 +56,8 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
     else:
         raise TypeError(f"lora_spec takes a ModuleSpec or TransformerBlockSubmodules, "
                         f"got {type(spec).__name__}")
-    missing = [t for t in config.target_modules if t not in walk.found]
+    missing = [target_of_module(m, config.target_modules) for m in config.module_targets()
+               if m not in walk.found]
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no submodule of the spec; "
                          f"its linear submodules are {sorted(walk.linears)}")
@@ -53,8 +69,10 @@ class _SpecWalk:
 
     def __init__(self, config: LoRAConfig):
         self.config = config
+        self.modules = config.module_targets()
         self.found: set[str] = set()
         self.linears: set[str] = set()  # every field holding a parallel linear, for errors
+        self.deferring = False  # inside a class-testing module: targets are converted later
 
     def layer(self, spec):
         """A layer spec: its submodules transformed, its own class made a LoRA layer."""
@@ -65,7 +83,13 @@ class _SpecWalk:
 
     def node(self, node, path: str):
         if isinstance(node, ModuleSpec):
-            return dataclasses.replace(node, submodules=self.node(node.submodules, path))
+            tests_classes = isinstance(node.module, type) and issubclass(
+                node.module, class_testing_modules())
+            outer, self.deferring = self.deferring, self.deferring or tests_classes
+            try:
+                return dataclasses.replace(node, submodules=self.node(node.submodules, path))
+            finally:
+                self.deferring = outer
         if isinstance(node, functools.partial):
             keywords = {k: self.node(v, path) for k, v in node.keywords.items()}
             return functools.partial(node.func, *node.args, **keywords)
@@ -84,21 +108,23 @@ class _SpecWalk:
             where = f"{path}.{field.name}" if path else field.name
             if supports_lora(_module_class(value)):
                 self.linears.add(field.name)
-            if field.name in self.config.target_modules:
-                changes[field.name] = self.target(value, where)
+            if field.name in self.modules:
+                changes[field.name] = self.target(value, where, field.name)
                 self.found.add(field.name)
             else:
                 changes[field.name] = self.node(value, where)
         return dataclasses.replace(node, **changes)
 
-    def target(self, value, where: str):
+    def target(self, value, where: str, module: str):
         """The LoRA version of a target submodule: a class, a ModuleSpec of a class, or a
-        partial of a class."""
+        partial of a class (left as it is inside a class-testing module)."""
         cls = _module_class(value)
         if cls is None or not supports_lora(cls):
             raise ValueError(f"LoRA target {where!r} is {getattr(cls, '__name__', cls)!r}, "
                              f"not a Megatron parallel linear LoRA supports")
-        lora_cls = lora_linear_class(cls, self.config)
+        if self.deferring:
+            return value
+        lora_cls = lora_linear_class(cls, self.config, self.modules[module])
         if isinstance(value, ModuleSpec):
             return dataclasses.replace(value, module=lora_cls)
         if isinstance(value, functools.partial):

@@ -7,7 +7,8 @@ Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; PEFT adapt
 A fused adapter splits exactly: `B_fused @ A` restricted to q's rows is `B_q @ A`, so q, k and
 v each get the fused A (copied) and their rows of the fused B, read with Megatron's per-group
 layout `[q heads of group g; k_g; v_g]` (`hf_mapping.split_qkv`). The split runs on full
-tensors, after the TP gather, where fc1's B is `[gate; up]` again.
+tensors, after the TP gather, where fc1's B is `[gate; up]` again. A canonical adapter
+(`linear_qkv.lora_q`) is already its HF module's: it is written as it is, at its own rank.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor,
         if not key.endswith(".lora_A.weight"):
             continue
         module = key[: -len(".lora_A.weight")]
-        layer, target = hf_mapping.parse_megatron_module(module)
+        layer, target, projection = hf_mapping.parse_megatron_adapter(module)
         A = checkpoint.tensors[key]
         B = checkpoint.tensors[f"{module}.lora_B.weight"]
+        if projection is not None:  # canonical: one projection's own adapter
+            adapters[hf_mapping.hf_projection_module(layer, target, projection)] = (A, B)
+            continue
         parts = hf_mapping.split_target(target, B, checkpoint.geometry)
         for name, part in zip(hf_mapping.hf_module_names(layer, target), parts):
             adapters[name] = (A.clone(), part.contiguous())
@@ -53,6 +57,16 @@ def serving_warnings(r: int) -> list[str]:
                 f"({VLLM_MAX_LORA_RANKS[-1]}): vLLM cannot serve this adapter"]
     return [f"rank {r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}: "
             f"serve with vLLM --max-lora-rank {fitting[0]} (SGLang: --max-lora-rank {r} or more)"]
+
+
+def architecture_warnings(architecture: hf_mapping.Architecture, targets) -> list[str]:
+    """What real PEFT will do differently with an export for `architecture`."""
+    mlp = sorted(t for t in targets if t.startswith(("linear_fc1", "linear_fc2")))
+    if architecture.attention != "mla" or not mlp:
+        return []
+    return [f"{architecture.name}: PEFT (with transformers 5) re-targets gate_proj / up_proj / "
+            f"down_proj to the fused MoE experts' parameters, so a PeftModel ignores the "
+            f"adapters of {', '.join(mlp)} on the dense layers (the attention adapters load)"]
 
 
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,

@@ -25,31 +25,44 @@ from megatron_lora.interop import hf_mapping
 from megatron_lora.interop.geometry import Geometry
 
 
-def _in_features(target: str, geometry: Geometry) -> int:
+def _in_features(target: str, geometry: Geometry) -> int | None:
+    """A's input width of a standard-attention target; None where the geometry does not say
+    (MLA's linears: the adapter's own shapes are used, and the load checks them)."""
     return {"linear_qkv": geometry.hidden_size, "linear_fc1": geometry.hidden_size,
             "linear_proj": geometry.num_attention_heads * geometry.kv_channels,
-            "linear_fc2": geometry.ffn_hidden_size}[target]
+            "linear_fc2": geometry.ffn_hidden_size}.get(target)
 
 
-def _out_features(target: str, geometry: Geometry) -> int:
+def _out_features(target: str, geometry: Geometry) -> int | None:
     return {"linear_qkv": geometry.qkv_rows, "linear_fc1": geometry.fc1_rows,
-            "linear_proj": geometry.hidden_size, "linear_fc2": geometry.hidden_size}[target]
+            "linear_proj": geometry.hidden_size, "linear_fc2": geometry.hidden_size}.get(target)
 
 
-def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
-    """(fused full tensors by Megatron name, rank R, alpha for rank R) from a read PEFT adapter.
-    Raises `ValueError` naming the tensor key for anything that does not fit `geometry`."""
-    r, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+def group_by_target(adapter, geometry: Geometry, source: str, attention: str = "standard"
+                    ) -> dict[tuple[int, str], dict[str, tuple]]:
+    """`{(layer, Megatron target): {HF leaf: (A, B)}}` of a read PEFT adapter, with unknown
+    modules and layers the model lacks named by their tensor key."""
     grouped: dict[tuple[int, str], dict[str, tuple]] = {}
     for module, (A, B) in adapter.adapters.items():
         try:
             layer, leaf = hf_mapping.parse_hf_module(module)
+            target = hf_mapping.megatron_target(leaf, attention)
         except ValueError as error:
             raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')}: {error}") from None
         if layer >= geometry.num_layers:
             raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')} is for layer {layer}; "
                              f"the model has {geometry.num_layers} layers")
-        grouped.setdefault((layer, hf_mapping.megatron_target(leaf)), {})[leaf] = (A, B)
+        grouped.setdefault((layer, target), {})[leaf] = (A, B)
+    return grouped
+
+
+def fuse_peft_adapter(adapter, geometry: Geometry, source: str, attention: str = "standard"):
+    """(fused full tensors by Megatron name, rank R, alpha for rank R) from a read PEFT adapter.
+    Raises `ValueError` naming the tensor key for anything that does not fit `geometry`."""
+    r, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+    grouped = group_by_target(adapter, geometry, source, attention)
+    observed = {target: (A.shape[1], B.shape[0]) for (_, target), parts in grouped.items()
+                for A, B in parts.values()}  # single-module targets the geometry cannot size
 
     rank = max(len(parts) for parts in grouped.values()) * r
     # A target the adapter leaves out in some layers (PEFT's layers_to_transform) gets zeros
@@ -61,9 +74,10 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
     tensors = {}
     for (layer, target), parts in sorted(grouped.items()):
         leaves = hf_mapping.hf_leaves(target)
-        in_features = _in_features(target, geometry)
+        in_features = _in_features(target, geometry) or observed[target][0]
         rows = [t.shape[0] for t in hf_mapping.split_target(
-            target, torch.empty(_out_features(target, geometry), 1), geometry)]
+            target, torch.empty(_out_features(target, geometry) or observed[target][1], 1),
+            geometry)]
         A_fused = torch.zeros(rank, in_features, dtype=dtype)
         B_parts = [torch.zeros(n, rank, dtype=A_fused.dtype) for n in rows]
         offset = 0

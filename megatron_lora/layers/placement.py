@@ -7,6 +7,14 @@ layer)`, removes LoRA from modules the config excludes, and freezes the layer's 
 parameters when `config.only_trainable`. The spec route runs it from the LoRA subclass of the
 layer class (`lora_layer_class`); the post-hoc route calls it on each built layer. Both routes
 therefore give the same adapters.
+
+Some modules choose how to build a submodule by testing its class for identity (MLA:
+`linear_q_down_proj in [TELinear]`, megatron-core 0.19's `module_cls is fused_norm_linear`), and
+a LoRA subclass fails such a test, loudly or by being replaced with the base class. The spec
+walk leaves the targets inside them as they are (`spec.py`); the LoRA layer then converts every
+target module still without LoRA in place, as the post-hoc route does (`add_lora_in_place`), so
+every target module of a built layer carries LoRA (or is refused by name) before the adapters
+are placed, whatever the modules inside did with the spec's classes.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 
 from lora_common import LoRAConfig
 from lora_common.state import freeze_all_but_adapters
-from megatron_lora.layers.registry import is_lora_linear
+from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import qualified_name
 
 
@@ -35,15 +43,40 @@ def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
     """Refuse an exclude entry that can match no adapted module: its last name must be one of
     the targets, and a layer it names must exist. Checkable on every rank and at spec time,
     without the other pipeline stages' modules (an entry is a path in the unsplit model)."""
+    modules = config.module_targets()
     for entry in config.exclude_modules:
         index = _LAYER_INDEX.search(entry)
-        if entry.rsplit(".", 1)[-1] in config.target_modules and (
+        if entry.rsplit(".", 1)[-1] in modules and (
                 index is None or num_layers is None or int(index.group(1)) < num_layers):
             continue
         layers = f"decoder.layers.<0..{num_layers - 1}>" if num_layers else "decoder.layers.<i>"
         raise ValueError(f"LoRA exclude_modules entry {entry!r} matches no LoRA module: the "
-                         f"adapted modules are {', '.join(config.target_modules)}, named "
+                         f"adapted modules are {', '.join(modules)}, named "
                          f"{layers}.<path in layer> (an entry may be any dotted suffix of that)")
+
+
+def add_lora_in_place(module: torch.nn.Module, config: LoRAConfig, name: str) -> None:
+    """Turn a built parallel linear named `name` (its last component is the target module) into
+    its LoRA class, keeping its base weights: the post-hoc route and the deferred targets of the
+    spec route."""
+    projections = config.module_targets()[name.rsplit(".", 1)[-1]]
+    module.__class__ = lora_linear_class(type(module), config, projections)
+    module.add_lora()
+
+
+def add_missing_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
+    """Give LoRA to every target module of a built layer that lacks it: the targets the spec
+    walk left as they were, and any a module replaced by its base class. Afterwards every
+    target module of the layer carries LoRA; one LoRA cannot adapt is refused by name."""
+    modules = config.module_targets()
+    for name, module in list(layer.named_modules()):
+        if name.rsplit(".", 1)[-1] not in modules or is_lora_linear(module):
+            continue
+        if not supports_lora(type(module)):
+            raise ValueError(f"LoRA target {name!r} of {type(layer).__name__} is a "
+                             f"{type(module).__name__}, not a Megatron parallel linear LoRA "
+                             f"supports")
+        add_lora_in_place(module, config, name)
 
 
 def place_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
@@ -72,6 +105,7 @@ class LoRATransformerLayerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        add_missing_lora(self, self.lora_config)
         place_lora(self, self.lora_config)
 
 

@@ -16,7 +16,11 @@ megatron-core assumes CUDA in three places that a CPU run meets:
   dist checkpointing calls `torch.cuda.synchronize()`; CPU work is synchronous, so a stream
   whose waits do nothing, and a synchronize that does nothing, are exact;
 - megatron-core 0.16's MoE router reads `te_general_gemm`, a name it defines only when
-  Transformer Engine imports.
+  Transformer Engine imports;
+- megatron-core 0.16's multi-latent attention imports the TE wrappers, which import without TE
+  (`te` is then a MagicMock), so it sets its own `HAVE_TE = True` and its
+  `isinstance(linear_proj, TELinear)` fails on a MagicMock class (`TypeError: isinstance() arg
+  2 must be a type`); 0.19 reads the extension's `HAVE_TE` and needs nothing.
 
 `enable()` redirects each of them to the CPU. Nothing happens at import, and nothing happens
 when CUDA is available, so calling it unconditionally from a script is safe.
@@ -156,6 +160,11 @@ def enable() -> None:
     WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # what megatron-core means by "no TE GEMM"
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention
+
+    if not te_extension.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False  # TE is absent, whatever its mock import said
     _ENABLED = True
 
 
