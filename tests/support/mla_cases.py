@@ -107,3 +107,53 @@ def deepseek_cases(out_dir: str, peft_dirs: list[str]):
             config = import_peft_adapter(plain, adapter_dir, canonical=canonical)
             out[(adapter_dir, canonical)] = (config, hf_llama.gpt_logits(plain, ids))
     return out
+
+
+# Each MLA variant of `variant_cases`: (spec, q_lora_rank, qk_layernorm). With q_lora_rank None
+# MLA builds `linear_q_proj`; megatron-core 0.19's local spec refuses a q latent norm there
+# (no latent to normalize), so that variant runs without q/kv norms.
+VARIANTS = [("te", 32, True), ("te", None, True), ("local", 32, True), ("local", None, False)]
+VARIANT_LAYOUTS = [(2, True), (1, False)]
+
+
+def variant_cases():
+    """Every MLA variant with LoRA on all of its linears (spec route), at TP=2+SP and TP=1:
+    each target's base class and family, logits with B = 0 and of the plain model, then with
+    non-zero B: logits, adapter grads and merged logits. The TE variants run first: the local
+    ones need the #1699 fix, which must not be applied to the TE spec under SP."""
+    from megatron_lora import get_lora_parameters, lora_spec, merge_lora_weights
+    from megatron_lora.runtime.launch import initialize_model_parallel
+
+    out = {}
+    for spec_name in ("te", "local"):
+        if spec_name == "local":
+            megatron_1699.sum_shared_rope_key_grad()
+        for tp, sp in VARIANT_LAYOUTS:
+            initialize_model_parallel(tp=tp)
+            for variant in [v for v in VARIANTS if v[0] == spec_name]:
+                _, q_lora_rank, qk_layernorm = variant
+                spec = getattr(tiny_mla, f"{spec_name}_spec")(qk_layernorm=qk_layernorm)
+                targets = (("linear_q_down_proj", "linear_q_up_proj") if q_lora_rank
+                           else ("linear_q_proj",))
+                config = LoRAConfig(r=4, alpha=8, target_modules=targets + (
+                    "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"))
+                kwargs = dict(q_lora_rank=q_lora_rank, qk_layernorm=qk_layernorm,
+                              sequence_parallel=sp)
+                plain = tiny_mla.build(spec, **kwargs)
+                model = tiny_mla.build(lora_spec(spec, config), **kwargs)
+                attention = model.decoder.layers[0].self_attention
+                r = {"classes": {name: (m.lora_base_class.__name__, m.lora_family.name)
+                                 for name, m in attention.named_children()
+                                 if hasattr(m, "lora_family")},
+                     "b0_logits": (tiny_gpt.logits(model), tiny_gpt.logits(plain))}
+                lora_helpers.set_nonzero_B(model)
+                tiny_gpt.loss(model).backward()
+                r["grads"] = {n: lora_helpers.full_grad(p)
+                              for n, p in get_lora_parameters(model).items()}
+                model.eval()
+                with torch.no_grad():
+                    r["logits"] = tiny_gpt.logits(model)
+                    merge_lora_weights(model)
+                    r["merged_logits"] = tiny_gpt.logits(model)
+                out[(variant, tp, sp)] = r
+    return out

@@ -38,6 +38,9 @@ def transformer_config(**overrides):
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
         q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
         rope_type="rope", rotary_base=10000, apply_rope_fusion=False,
+        # the specs' default; megatron-core 0.19 refuses a spec whose q/kv norms the config
+        # does not ask for (0.16 reads only the spec)
+        qk_layernorm=True,
         normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, params_dtype=torch.float32, bf16=False,
