@@ -1,6 +1,7 @@
 """LoRA on multi-latent attention (DeepSeek-V3's): every MLA linear adapts through the same
 factory and spec walk, the duplicated TE down projections get the duplicated family, and the
-model trains the same at TP=1, TP=2+SP and TP=2 (on megatron-core's TE layer spec, emulated)."""
+model trains the same at TP=1, TP=2+SP and TP=2 (on megatron-core's TE layer spec, emulated);
+adapter and dist checkpoints saved at TP=2+SP reload at TP=1 exactly."""
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from megatron_lora.runtime.launch import run_on_ranks
 
 
 @pytest.fixture(scope="module")
-def te_mla():
+def te_mla(tmp_path_factory):
     return run_on_ranks(mla_cases.te_spec_cases, world_size=2, setup=te_emulation.enable,
-                        timeout=600)
+                        args=(str(tmp_path_factory.mktemp("mla")),), timeout=600)
 
 
 def test_every_mla_linear_gets_its_family(te_mla):
@@ -68,3 +69,14 @@ def test_merged_equals_unmerged(te_mla, layout):
     for rank in te_mla:
         torch.testing.assert_close(rank[layout]["merged_logits"], rank[layout]["logits"],
                                    rtol=0, atol=1e-5)
+
+
+def test_adapter_and_dist_checkpoints_saved_at_tp2_sp_reload_at_tp1(te_mla):
+    saved = te_mla[0][(2, True)]
+    for rank in te_mla:
+        loaded = rank[(1, False)]["from_tp2_sp"]
+        for source in ("adapter", "dist"):
+            adapters, logits, *rest = loaded[source]
+            assert_same(adapters, saved["adapters"], f"{source} checkpoint: adapters")
+            torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
+        assert loaded["dist"][2] == []  # nothing missing

@@ -28,9 +28,13 @@ def full_adapters(model) -> dict[str, torch.Tensor]:
     return lora_helpers.full_state(get_lora_parameters(model))
 
 
-def te_spec_cases():
-    from megatron_lora import (apply_lora_to_megatron_model, get_lora_parameters, lora_spec,
-                               mark_only_lora_as_trainable, merge_lora_weights)
+def te_spec_cases(out_dir: str):
+    """Per layout: families, attributes, B = 0, both routes, grads, 3 Adam steps, merge. The
+    TP=2+SP model saves an adapter and a dist checkpoint, which TP=1 models load."""
+    from megatron_lora import (apply_lora_to_megatron_model, get_lora_parameters,
+                               load_dist_checkpoint, load_lora_checkpoint, lora_spec,
+                               mark_only_lora_as_trainable, merge_lora_weights,
+                               save_dist_checkpoint, save_lora_checkpoint)
     from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
@@ -68,6 +72,17 @@ def te_spec_cases():
                                  for n, p in get_lora_parameters(model).items()
                                  if "down_proj" in n}
         r["logits"] = tiny_gpt.logits(model)
+        if (tp, sp) == (2, True):
+            save_lora_checkpoint(model, f"{out_dir}/adapter.safetensors")
+            save_dist_checkpoint(model, f"{out_dir}/dist")
+        if (tp, sp) == (1, False):  # the TP=2+SP checkpoints, loaded at TP=1
+            from_adapter = tiny_mla.build(lora_spec(tiny_mla.te_spec(), CONFIG))
+            load_lora_checkpoint(from_adapter, f"{out_dir}/adapter.safetensors")
+            from_dist = tiny_mla.build(lora_spec(tiny_mla.te_spec(), CONFIG))
+            missing = load_dist_checkpoint(from_dist, f"{out_dir}/dist")
+            r["from_tp2_sp"] = {
+                "adapter": (full_adapters(from_adapter), tiny_gpt.logits(from_adapter.eval())),
+                "dist": (full_adapters(from_dist), tiny_gpt.logits(from_dist.eval()), missing)}
         merge_lora_weights(model)
         r["merged_logits"] = tiny_gpt.logits(model)
         out[(tp, sp)] = r
