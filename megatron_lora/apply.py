@@ -16,13 +16,13 @@ from megatron.core.distributed import DistributedDataParallel
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
 from lora_common.targets import target_of_module
+from megatron_lora.layers.canonical import projection_layout
 from megatron_lora.layers.placement import (
     add_lora_in_place,
     check_exclusions,
     place_adapter,
     place_lora,
 )
-from megatron_lora.layers.canonical import projection_layout
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
 

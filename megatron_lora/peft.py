@@ -83,7 +83,8 @@ def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None =
     adapter = read_peft_adapter(adapter_dir)
     transformer_config = _transformer_config(model)
     geometry = Geometry.from_megatron(transformer_config)
-    attention = "mla" if getattr(transformer_config, "multi_latent_attention", False) else "standard"
+    mla = getattr(transformer_config, "multi_latent_attention", False)
+    attention = "mla" if mla else "standard"
     if canonical:
         tensors, target_modules = peft_adapter_per_projection(adapter, geometry, source, attention)
         rank, alpha = adapter.config["r"], adapter.config["lora_alpha"]

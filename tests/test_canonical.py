@@ -111,7 +111,7 @@ def test_spec_route_equals_posthoc_route(structure, tp):
 
 
 def test_adapter_dropout_agrees_across_ranks_holding_the_same_tokens(structure):
-    (tp2, tp2_eval), (tp1, tp1_eval) = structure[0][2]["dropout"], structure[0][1]["dropout"]
+    (tp2, _), (tp1, tp1_eval) = structure[0][2]["dropout"], structure[0][1]["dropout"]
     assert tp2 == pytest.approx(tp1, rel=1e-6) and structure[1][2]["dropout"][0] == tp2
     assert tp1_eval not in tp1  # dropout did change the training loss
 
@@ -150,8 +150,8 @@ def test_bad_target_sets_are_named(kwargs, match):
 def test_a_complete_set_of_projections_is_the_module():
     assert LoRAConfig(canonical=True, target_modules=["linear_q", "linear_k", "linear_v"]) \
         == LoRAConfig(canonical=True, target_modules=["linear_qkv"])
-    assert LoRAConfig(canonical=True, target_modules=["linear_fc1_up", "linear_q"]).module_targets() \
-        == {"linear_fc1": ("up",), "linear_qkv": ("q",)}
+    config = LoRAConfig(canonical=True, target_modules=["linear_fc1_up", "linear_q"])
+    assert config.module_targets() == {"linear_fc1": ("up",), "linear_qkv": ("q",)}
 
 
 def test_a_header_written_before_the_mode_existed_reads_as_fused():
@@ -185,7 +185,8 @@ def test_disable_is_the_base_and_merge_is_local_per_shard(downstream):
         _, target = hf_mapping.parse_megatron_module(name)
         parts = hf_mapping.split_target(target, base[f"{name}.weight"], _geometry())
         expected = []
-        for part, projection in zip(parts, ("q", "k", "v") if "qkv" in name else ("gate", "up")):
+        for part, projection in zip(parts, ("q", "k", "v") if "qkv" in name else ("gate", "up"),
+                                    strict=True):
             A, B = adapters[f"{name}.lora_{projection}.lora_A.weight"], \
                 adapters[f"{name}.lora_{projection}.lora_B.weight"]
             expected.append(part + SCALING * B @ A)

@@ -51,13 +51,15 @@ def test_tp2_and_sp_give_tp1_grads_and_train_like_it(te_mla):
             for name, value in reference["grads"].items():  # fp32 rounding of the grads
                 torch.testing.assert_close(got["grads"][name], value, rtol=0,
                                            atol=1e-5 * value.abs().max().item(),
-                                           msg=lambda m, name=name: f"{layout} grad {name}: {m}")
+                                           msg=lambda m, name=name, at=layout:
+                                           f"{at} grad {name}: {m}")
             assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5), layout
             # Adam turns a rounding-level grad into a step of up to lr = 1e-2; a misplaced
             # reduction or split would move whole matrices by that much.
             for name, value in reference["adapters"].items():
                 torch.testing.assert_close(got["adapters"][name], value, rtol=0, atol=1e-4,
-                                           msg=lambda m, name=name: f"{layout} {name}: {m}")
+                                           msg=lambda m, name=name, at=layout:
+                                           f"{at} {name}: {m}")
             torch.testing.assert_close(got["logits"], reference["logits"], rtol=0, atol=1e-5)
     for layout in ((2, True), (2, False)):  # the whole adapters stay equal on every rank
         assert_same(te_mla[1][layout]["duplicated_local"], te_mla[0][layout]["duplicated_local"],

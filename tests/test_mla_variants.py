@@ -69,4 +69,4 @@ def test_b_zero_is_the_base_and_tp2_sp_is_tp1_and_merged_is_unmerged(variants, v
                 assert value.abs().max() > 0, name
                 torch.testing.assert_close(got["grads"][name], value, rtol=0,
                                            atol=1e-5 * value.abs().max().item(),
-                                           msg=lambda m, name=name: f"TP={tp} {name}: {m}")
+                                           msg=lambda m, name=name, tp=tp: f"TP={tp} {name}: {m}")

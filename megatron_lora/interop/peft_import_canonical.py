@@ -52,7 +52,7 @@ def peft_adapter_per_projection(adapter, geometry: Geometry, source: str,
             projection = _projection(target, leaf)
             module = f"model.layers.{layer}.{_hf_path(target, leaf)}"
             expected = _expected_shapes(target, projection, geometry, r)
-            for factor, tensor, shape in zip("AB", (A, B), expected or (None, None)):
+            for factor, tensor, shape in zip("AB", (A, B), expected or (None, None), strict=True):
                 if shape is not None and tuple(tensor.shape) != shape:
                     raise ValueError(f"{source}: {adapter_tensor_key(module, factor)} has shape "
                                      f"{list(tensor.shape)}, the model needs {list(shape)}")

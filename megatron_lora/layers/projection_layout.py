@@ -61,7 +61,7 @@ class ProjectionLayout:
         if extra:
             raise ValueError(f"{rows} rows are not whole groups of {self.group_rows} "
                              f"{self.projections} rows")
-        return {p: groups * n for p, n in zip(self.projections, self.group_rows)}
+        return {p: groups * n for p, n in zip(self.projections, self.group_rows, strict=True)}
 
     def fuse(self, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], rows: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,5 +92,6 @@ class ProjectionLayout:
         if self.group_rows is None:
             return torch.cat(blocks)
         groups = rows // sum(self.group_rows)
-        grouped = [b.reshape(groups, n, b.shape[1]) for b, n in zip(blocks, self.group_rows)]
+        grouped = [b.reshape(groups, n, b.shape[1])
+                   for b, n in zip(blocks, self.group_rows, strict=True)]
         return torch.cat(grouped, dim=1).reshape(rows, -1)

@@ -44,7 +44,8 @@ def adapter_sharded_state(module, prefix: str, sharded_offsets=(), metadata=None
     for name, param in adapters.items():
         if getattr(param, "partition_stride", 1) == 2:
             state[prefix + name] = _swiglu_factory_tolerating_absence(
-                state[prefix + name], sharded_offsets, metadata.get("singleton_local_shards", False))
+                state[prefix + name], sharded_offsets,
+                metadata.get("singleton_local_shards", False))
     return state
 
 

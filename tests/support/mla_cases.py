@@ -110,8 +110,8 @@ def deepseek_cases(out_dir: str, peft_dirs: list[str]):
                                     sequence_parallel=True)
     mark_only_lora_as_trainable(model)
     lora_helpers.set_nonzero_B(model)
-    out["losses"] = lora_helpers.train_with_megatron_ddp(model, model.config, steps=STEPS,
-                                                         lr=2e-2, loss_fn=peft_cases.cross_entropy_loss)
+    out["losses"] = lora_helpers.train_with_megatron_ddp(
+        model, model.config, steps=STEPS, lr=2e-2, loss_fn=peft_cases.cross_entropy_loss)
     model.eval()
     out["logits"] = hf_llama.gpt_logits(model, ids)
     export_peft_adapter(model, f"{out_dir}/peft", base_model_name_or_path="tiny-deepseek",
