@@ -23,8 +23,10 @@ from collections.abc import Iterator, Mapping
 import torch
 
 # Adapter parameters are `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names):
-# the one rule by which both backends, their checkpoints and weight sync tell adapters apart.
-_ADAPTER_PARAMETER = re.compile(r"(?:^|\.)lora_([AB])\.weight$")
+# the one rule by which both backends, their checkpoints and weight sync tell adapters apart
+# (and, as a regex string, slime's `--only-train-params-name-list`).
+ADAPTER_PARAMETER_PATTERN = r"(?:^|\.)lora_([AB])\.weight$"
+_ADAPTER_PARAMETER = re.compile(ADAPTER_PARAMETER_PATTERN)
 
 
 def is_lora_parameter(name: str) -> bool:

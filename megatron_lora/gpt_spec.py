@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from lora_common import LoRAConfig
+from lora_common.state import ADAPTER_PARAMETER_PATTERN
 
 
 def gpt_lora_spec(
@@ -131,4 +132,4 @@ def custom_megatron_init(args: argparse.Namespace) -> None:
         args.lora_base_spec = spec  # LoRA wraps the spec the user chose
     args.spec = ours
     if config.only_trainable:
-        args.only_train_params_name_list = [r"\.lora_[AB]\.weight$"]
+        args.only_train_params_name_list = [ADAPTER_PARAMETER_PATTERN]

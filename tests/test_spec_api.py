@@ -110,7 +110,7 @@ def test_custom_megatron_init_points_slime_at_the_lora_spec():
     args = lora_args("--use-lora")
     custom_megatron_init(args)
     assert args.spec == ["megatron_lora", "get_gpt_lora_spec"]
-    assert args.only_train_params_name_list == [r"\.lora_[AB]\.weight$"]
+    assert args.only_train_params_name_list == [r"(?:^|\.)lora_([AB])\.weight$"]
 
     args = lora_args("--use-lora", "--no-lora-only-trainable", "--spec", "pkg.mod", "fn")
     custom_megatron_init(args)

@@ -8,11 +8,13 @@ from support import lora_helpers
 from support import tiny_gpt
 from lora_common import LoRAConfig
 from megatron_lora.runtime.collective_bytes import count_collective_bytes
+from megatron_lora.runtime.ddp_training import Schedule
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, False), (2, True), (1, False)]
 STEPS = 3
+CLIPPED = Schedule(warmup_steps=1, decay_style="cosine", clip_grad=0.1)
 
 
 def train_each_layout():
@@ -40,6 +42,63 @@ def test_tp2_and_sp_train_like_tp1():
             for name, value in ref_weights.items():
                 torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6,
                                            msg=f"{layout} {name}")
+
+
+def first_grad_norm(model, config):
+    """Megatron's grad norm of the first step's finalized grads, and the plain norm over this
+    rank's grads (the whole model's norm where nothing is sharded)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_lora.runtime.ddp_training import grad_norm
+
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  model)
+    tiny_gpt.loss(ddp).backward()
+    finalize_model_grads([ddp])
+    params = [p for p in ddp.parameters() if p.requires_grad]
+    for param in params:
+        param.grad = param.main_grad
+    plain = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item()
+    return grad_norm(params), plain
+
+
+def norms_and_clipped_training():
+    from megatron_lora import lora_spec, mark_only_lora_as_trainable
+
+    out = {}
+    for tp, sp in LAYOUTS:
+        initialize_model_parallel(tp=tp)
+        config = tiny_gpt.transformer_config(sequence_parallel=sp)
+        models = []
+        for _ in range(2):
+            model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), config=config)
+            mark_only_lora_as_trainable(model)
+            lora_helpers.set_nonzero_B(model)
+            models.append(model)
+        norms = first_grad_norm(models[0], config)
+        losses = lora_helpers.train_with_megatron_ddp(models[1], config, steps=STEPS,
+                                                      schedule=CLIPPED)
+        out[(tp, sp)] = norms, losses
+    return out
+
+
+def test_clipping_uses_the_whole_models_grad_norm_at_every_tp_size():
+    """Replicated A/B counted once per TP group, `sequence_parallel` grads summed first: the norm
+    is the TP=1 model's, so warmup, cosine decay and clipping train alike at every TP size."""
+    ranks = run_on_ranks(norms_and_clipped_training, world_size=2)
+    (ref_norm, plain), ref_losses = ranks[0][(1, False)]
+    assert ref_norm == pytest.approx(plain, rel=1e-6)  # TP=1: Megatron's norm is the plain one
+    assert ref_norm > 2 * CLIPPED.clip_grad  # clipping bites
+    for rank in ranks:
+        for layout, ((norm, local), losses) in rank.items():
+            assert norm == pytest.approx(ref_norm, rel=1e-5), layout
+            if layout[0] == 2:
+                assert local != pytest.approx(ref_norm, rel=1e-3), layout  # the shard is not it
+            assert losses == pytest.approx(ref_losses, rel=1e-5), layout
 
 
 def one_step_bytes(lora: bool, sp: bool) -> int:

@@ -64,10 +64,13 @@ def set_nonzero_B(model, seed: int = 7) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
-def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None):
-    """`megatron_lora.runtime.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches."""
+def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None,
+                            schedule=None):
+    """`megatron_lora.runtime.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches
+    (constant learning rate and no clipping unless `schedule` says otherwise)."""
+    from megatron_lora.runtime.ddp_training import Schedule
+    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp as train
     from support import tiny_gpt
 
-    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp as train
-
-    return train(model, config, loss_fn or tiny_gpt.loss, steps, lr)
+    return train(model, config, loss_fn or tiny_gpt.loss, steps, lr,
+                 schedule=schedule or Schedule())
