@@ -27,7 +27,7 @@ from benchmarks.chart import write_chart
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCHMARKS = ("step_time", "comm_bytes", "peak_memory", "merged_stream", "profile_lora",
-              "fsdp_vs_peft")
+              "fsdp_vs_peft", "moe_step")
 CHART = "results.png"
 OUTPUTS = ("RESULTS.md", CHART, "results.json")
 

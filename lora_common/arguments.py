@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_common.config import A_INITS, LoRAConfig
+from lora_common.config import A_INITS, EXPERT_LAYOUTS, LoRAConfig
 
 _DEFAULT = LoRAConfig()
 
@@ -32,8 +32,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--lora-dropout", type=float, default=_DEFAULT.dropout,
                        help="Dropout on the adapter input.")
     group.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
-                       help="Linear submodules to adapt (default: linear_qkv linear_proj "
-                            "linear_fc1 linear_fc2 on Megatron, the Llama projections on FSDP).")
+                       help="Linear submodules to adapt, by name or dotted path suffix "
+                            "(experts.linear_fc1, shared_experts.linear_fc2; default: linear_qkv "
+                            "linear_proj linear_fc1 linear_fc2 on Megatron, the Llama "
+                            "projections on FSDP).")
     group.add_argument("--lora-exclude-modules", nargs="+", default=[], metavar="NAME",
                        help="Module names (or dotted paths) never adapted.")
     group.add_argument("--lora-only-trainable", action=on_off, default=_DEFAULT.only_trainable,
@@ -46,6 +48,11 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "name linear_q linear_k linear_v linear_fc1_gate linear_fc1_up.")
     group.add_argument("--lora-init", choices=A_INITS, default=_DEFAULT.init,
                        help="Initialization of A (B always starts at zero).")
+    group.add_argument("--lora-expert-layout", choices=EXPERT_LAYOUTS,
+                       default=_DEFAULT.expert_layout,
+                       help="Adapters of MoE routed experts: per_expert (each expert its own A "
+                            "and B) or shared_outer (fc1's A and fc2's B shared by a layer's "
+                            "experts, SGLang's layout; needs grouped-GEMM experts).")
     group.add_argument("--lora-seed", type=int, default=None,
                        help="Seed of the adapter init (default: Megatron's --seed, else 0).")
     group.add_argument("--lora-base-spec", nargs=2, default=None, metavar=("MODULE", "FUNCTION"),

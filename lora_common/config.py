@@ -22,9 +22,14 @@ HF_TARGET_MODULES = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up
 
 A_INITS = ("kaiming", "gaussian")
 
-# Fields added after adapter checkpoints were first written: a saved header without them means
-# the default (an older file is read as what it was).
-_ADDED_FIELDS = ("canonical",)
+# How the routed experts of an MoE layer hold their adapters (Megatron backend):
+#   per_expert     every expert its own A and B on fc1 and on fc2
+#   shared_outer   fc1's A and fc2's B shared by the experts of a layer, the rest per expert
+#                  (SGLang's --experts-shared-outer-loras layout)
+EXPERT_LAYOUTS = ("per_expert", "shared_outer")
+# Fields added after adapter headers first carried a config: an old header without them means
+# the default (the adapters were made before the field existed).
+ADDED_FIELDS = ("expert_layout", "canonical")
 
 
 def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
@@ -50,7 +55,10 @@ class LoRAConfig:
     """Hyper-parameters of a LoRA adapter (PEFT's meaning for every field).
 
     `target_modules=None` means the backend's standard set (`MEGATRON_TARGET_MODULES` or
-    `HF_TARGET_MODULES`); `resolve_targets` fills it in.
+    `HF_TARGET_MODULES`); `resolve_targets` fills it in. A target is a module name or a dotted
+    suffix of a module's path (`linear_fc1` selects every fc1, dense, shared expert and routed
+    expert alike; `experts.linear_fc1` only the routed experts'). `expert_layout` is one of
+    `EXPERT_LAYOUTS`.
 
     `canonical` (Megatron): one adapter per projection inside the fused `linear_qkv` (q, k, v)
     and `linear_fc1` (gate, up), PEFT's model, instead of one adapter whose A the projections
@@ -68,6 +76,7 @@ class LoRAConfig:
     init: str = "kaiming"
     only_trainable: bool = True
     seed: int = 0
+    expert_layout: str = "per_expert"
     canonical: bool = False
 
     def __post_init__(self) -> None:
@@ -97,6 +106,9 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.exclude_modules also names target module(s) {both}")
         if self.init not in A_INITS:
             raise ValueError(f"LoRAConfig.init must be one of {A_INITS}, got {self.init!r}")
+        if self.expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"LoRAConfig.expert_layout must be one of {EXPERT_LAYOUTS}, got "
+                             f"{self.expert_layout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LoRAConfig.seed must be an int, got {self.seed!r}")
         for flag in ("use_rslora", "only_trainable", "canonical"):
@@ -133,12 +145,13 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, require_all: bool = False) -> LoRAConfig:
         """The config a `to_dict` mapping (or a user's dict of field names) describes; absent
-        fields keep their defaults unless `require_all` (a saved header must name them all)."""
+        fields keep their defaults unless `require_all` (a saved header must name them all, but
+        those in `ADDED_FIELDS`, which headers written before them lack)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        missing = sorted(known - set(data) - set(_ADDED_FIELDS))
+        missing = sorted(known - set(data) - set(ADDED_FIELDS))
         if require_all and missing:
             raise ValueError(f"LoRAConfig: missing field(s) {missing}")
         return cls(**data)
@@ -177,5 +190,6 @@ class LoRAConfig:
             init=getattr(args, "lora_init", default.init),
             only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
             seed=seed,
+            expert_layout=getattr(args, "lora_expert_layout", default.expert_layout),
             canonical=getattr(args, "lora_canonical", default.canonical),
         )

@@ -23,19 +23,24 @@ base_model_name_or_path=None) -> dict`
 `adapter_tensor_key(module_name, factor) -> str`
     `"base_model.model.<module_name>.lora_<factor>.weight"`, factor `"A"` or `"B"`.
 
-`write_peft_adapter(directory, adapter_config, adapters)`
+`write_peft_adapter(directory, adapter_config, adapters, shared=None)`
     Writes the two files, each atomically (a reader sees the old file or the new one); the
     weights go first, so a config never points at missing weights. `adapters` maps module
     name -> `(A, B)`; shapes are checked against `adapter_config["r"]` before anything is
-    written.
+    written. `shared` holds MoE factors shared by the experts of a layer in SGLang's form
+    (`--experts-shared-outer-loras`): module `model.layers.{l}.mlp.experts.gate_proj` (no
+    expert index) -> `(A [1, r, in] or None, B [1, out, r] or None)`; the per-expert modules
+    then carry only their other factor (`None` in `adapters`).
 
 `read_peft_adapter(directory) -> PeftAdapter`
     Reads and validates a folder written by PEFT or by `write_peft_adapter`: a LoRA config
     without PEFT features we do not implement (DoRA, trained biases, rank patterns, ...),
     tensor keys of the form above, an A and a B per module with matching rank, and only for
     modules the config targets (PEFT itself would ignore weights for any other module, so
-    loading them would compute another model than PEFT's). Every problem raises
-    `FileNotFoundError` or `ValueError` naming the file, field or tensor key.
+    loading them would compute another model than PEFT's). SGLang's shared expert factors are
+    read too: each expert's missing factor is the shared one (`PeftAdapter.shared` names the
+    shared modules). Every problem raises `FileNotFoundError` or `ValueError` naming the file,
+    field or tensor key.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import json
 import math
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable, Mapping
@@ -60,6 +66,16 @@ LEGACY_WEIGHTS_FILE = "adapter_model.bin"  # PEFT's pickle format, read for old 
 PEFT_KEY_PREFIX = "base_model.model."
 
 _KEY_PATTERN = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+# An MoE expert module (`....experts.<e>.gate_proj`) and the module its experts share
+# (`....experts.gate_proj`, SGLang's shared-outer keys hold a [1, ...] tensor there).
+_EXPERT_INDEX = re.compile(r"(?<=\.experts)\.\d+(?=\.[^.]+$)")
+_SHARED_EXPERT_MODULE = re.compile(r"\.experts\.[^.]+$")
+
+
+def shared_expert_module(module: str) -> str | None:
+    """`...experts.3.gate_proj` -> `...experts.gate_proj`; None for a module of no expert."""
+    shared = _EXPERT_INDEX.sub("", module, count=1)
+    return shared if shared != module else None
 
 # Fields PEFT writes whose non-default value means a feature this library does not implement;
 # loading such an adapter as plain LoRA would compute something else, so it is refused.
@@ -132,18 +148,38 @@ def adapter_config_dict(
 def write_peft_adapter(
     directory: str | os.PathLike,
     adapter_config: Mapping[str, Any],
-    adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    adapters: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    shared: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
 ) -> None:
     """Write `adapter_model.safetensors` and `adapter_config.json` into `directory`."""
     r = adapter_config["r"]
+    shared = shared or {}
     tensors: dict[str, torch.Tensor] = {}
+    for module, pair in shared.items():
+        for factor, tensor in zip("AB", pair, strict=True):
+            if tensor is None:
+                continue
+            key = adapter_tensor_key(module, factor)
+            rank = tensor.shape[1] if factor == "A" else tensor.shape[-1]
+            if tensor.dim() != 3 or tensor.shape[0] != 1 or rank != r or \
+                    not _SHARED_EXPERT_MODULE.search(module):
+                raise ValueError(f"{key}: a factor shared by a layer's experts is [1, r={r}, in] "
+                                 f"(A) or [1, out, r={r}] (B) under ...experts.<module>, got "
+                                 f"{list(tensor.shape)}")
+            tensors[key] = tensor
     for module, (lora_a, lora_b) in adapters.items():
         key_a, key_b = adapter_tensor_key(module, "A"), adapter_tensor_key(module, "B")
-        if lora_a.dim() != 2 or lora_a.shape[0] != r:
-            raise ValueError(f"{key_a}: expected shape [r={r}, in], got {list(lora_a.shape)}")
-        if lora_b.dim() != 2 or lora_b.shape[1] != r:
-            raise ValueError(f"{key_b}: expected shape [out, r={r}], got {list(lora_b.shape)}")
-        tensors[key_a], tensors[key_b] = lora_a, lora_b
+        for factor, tensor, key in (("A", lora_a, key_a), ("B", lora_b, key_b)):
+            if tensor is None:
+                owner = shared.get(shared_expert_module(module) or "", (None, None))
+                if owner["AB".index(factor)] is None:
+                    raise ValueError(f"{key} is missing and no shared expert factor holds it")
+                continue
+            rank_ok = tensor.shape[0] == r if factor == "A" else tensor.shape[1] == r
+            if tensor.dim() != 2 or not rank_ok:
+                wanted = f"[r={r}, in]" if factor == "A" else f"[out, r={r}]"
+                raise ValueError(f"{key}: expected shape {wanted}, got {list(tensor.shape)}")
+            tensors[key] = tensor
     if not tensors:
         raise ValueError("write_peft_adapter: no adapters to write")
     directory = Path(directory)
@@ -154,11 +190,14 @@ def write_peft_adapter(
 
 @dataclass(frozen=True)
 class PeftAdapter:
-    """A validated PEFT LoRA adapter: its config dict and `{module name: (A [r, in], B [out, r])}`."""
+    """A validated PEFT LoRA adapter: its config dict and `{module name: (A [r, in], B [out, r])}`
+    (a factor the experts of a layer share, in SGLang's form, given to each expert), and the
+    shared expert modules (`{...experts.gate_proj: "A"}`: the factor they hold)."""
 
     directory: Path
     config: dict[str, Any]
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def r(self) -> int:
@@ -274,19 +313,26 @@ def read_peft_adapter(directory: str | os.PathLike) -> PeftAdapter:
     r = config["r"]
     path, tensors = _read_tensors(directory)
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    shared_factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY_PATTERN.match(key)
         if match is None:
             raise ValueError(f"{path}: tensor key {key!r} is not a LoRA factor "
                              f"('{PEFT_KEY_PREFIX}<module>.lora_A.weight' or '.lora_B.weight')")
         factor, module = match["factor"], match["module"]
-        if tensor.dim() != 2:
-            raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, expected 2 dims")
+        if tensor.dim() == 3 and tensor.shape[0] == 1 and _SHARED_EXPERT_MODULE.search(module):
+            tensor = tensor[0]  # SGLang's factor shared by the experts of a layer
+            shared_factors.setdefault(module, {})[factor] = tensor
+        elif tensor.dim() != 2:
+            raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, expected 2 dims "
+                             f"(or [1, ...] for a factor the experts share, under "
+                             f"...experts.<module>)")
         rank = tensor.shape[0] if factor == "A" else tensor.shape[1]
         if rank != r:
             raise ValueError(f"{path}: {key} has shape {list(tensor.shape)}, whose rank "
                              f"{rank} is not r={r} of {ADAPTER_CONFIG_FILE}")
-        factors.setdefault(module, {})[factor] = tensor
+        if module not in shared_factors:
+            factors.setdefault(module, {})[factor] = tensor
     if not factors:
         raise ValueError(f"{path}: holds no LoRA tensors")
     adapters = {}
@@ -297,9 +343,21 @@ def read_peft_adapter(directory: str | os.PathLike) -> PeftAdapter:
                              f"{config['target_modules']!r}, exclude_modules="
                              f"{config.get('exclude_modules')!r}, layers_to_transform="
                              f"{config.get('layers_to_transform')!r})")
+        owner = shared_factors.get(shared_expert_module(module) or "", {})
         for factor in ("A", "B"):
-            if factor not in pair:
+            if factor in pair and factor in owner:
+                raise ValueError(f"{path}: {adapter_tensor_key(module, factor)} is given per "
+                                 f"expert and shared by the experts")
+            if factor not in pair and factor not in owner:
                 raise ValueError(f"{path}: {adapter_tensor_key(module, factor)} is missing "
                                  f"(its other factor is present)")
-        adapters[module] = (pair["A"], pair["B"])
-    return PeftAdapter(directory=directory, config=config, adapters=adapters)
+        adapters[module] = (pair.get("A", owner.get("A")), pair.get("B", owner.get("B")))
+    used = {shared_expert_module(module) for module in adapters}
+    for module, held in shared_factors.items():
+        if module not in used:
+            raise ValueError(f"{path}: {adapter_tensor_key(module, next(iter(held)))} is shared "
+                             f"by experts the adapter has no other factor for")
+        if len(held) == 2:
+            raise ValueError(f"{path}: {module} shares both A and B: not an expert adapter")
+    shared = {module: next(iter(held)) for module, held in sorted(shared_factors.items())}
+    return PeftAdapter(directory=directory, config=config, adapters=adapters, shared=shared)

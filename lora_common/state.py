@@ -24,22 +24,34 @@ import torch
 
 # Adapter parameters are `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names):
 # the one rule by which both backends, their checkpoints and weight sync tell adapters apart
-# (and, as a regex string, slime's `--only-train-params-name-list`).
-ADAPTER_PARAMETER_PATTERN = r"(?:^|\.)lora_([AB])\.weight$"
+# (and, as a regex string, slime's `--only-train-params-name-list`). A grouped expert linear
+# (Transformer Engine's GroupedLinear) numbers its weights `weight0`, `weight1`, ...; its
+# per-expert adapters follow: `<module>.lora_A.weight3`.
+ADAPTER_PARAMETER_PATTERN = r"(?:^|\.)lora_([AB])\.weight(\d*)$"
 _ADAPTER_PARAMETER = re.compile(ADAPTER_PARAMETER_PATTERN)
 
 
 def is_lora_parameter(name: str) -> bool:
-    """Whether `name` is an adapter matrix: `...lora_A.weight` or `...lora_B.weight`."""
+    """Whether `name` is an adapter matrix: `...lora_A.weight`, `...lora_B.weight` or, per
+    expert of a grouped linear, `...lora_A.weight<i>`."""
     return _ADAPTER_PARAMETER.search(name) is not None
 
 
-def adapter_prefix(name: str) -> str | None:
-    """`a.b.lora_A.weight` -> `a.b.` (the module's prefix, `` at the top); None if not an adapter."""
+def parse_adapter_name(name: str) -> tuple[str, str, str] | None:
+    """`a.b.lora_A.weight3` -> (`a.b.`, `A`, `3`): the module's prefix (`` at the top), the
+    matrix and the expert number (`` for a module's one adapter); None if not an adapter."""
     match = _ADAPTER_PARAMETER.search(name)
     if match is None:
         return None
-    return name[:match.start()] + ("." if match.group(0).startswith(".") else "")
+    prefix = name[:match.start()] + ("." if match.group(0).startswith(".") else "")
+    return prefix, match.group(1), match.group(2)
+
+
+def adapter_prefix(name: str) -> str | None:
+    """`a.b.lora_A.weight` -> `a.b.` (the module's prefix, `` at the top); None if not an
+    adapter."""
+    parsed = parse_adapter_name(name)
+    return None if parsed is None else parsed[0]
 
 
 class LoRAState:
@@ -79,8 +91,8 @@ def require_state(modules: Mapping[str, LoRAState], verb: str, *, merged: bool |
         wrong = [name for name, module in modules.items()
                  if bool(getattr(module, attribute)) != wanted]
         if wrong:
-            raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) {_PROBLEM[attribute, wanted]}, "
-                               f"e.g. {wrong[0]!r}")
+            raise RuntimeError(f"{verb}: {len(wrong)} LoRA module(s) "
+                               f"{_PROBLEM[attribute, wanted]}, e.g. {wrong[0]!r}")
 
 
 @contextlib.contextmanager

@@ -16,15 +16,18 @@ from megatron.core.distributed import DistributedDataParallel
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
 from lora_common.targets import target_of_module
+from megatron_lora import moe
 from megatron_lora.layers.canonical import projection_layout
 from megatron_lora.layers.placement import (
     add_lora_in_place,
     check_exclusions,
     place_adapter,
     place_lora,
+    selected_projections,
 )
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
+from megatron_lora.targets import selectable_names, selecting
 
 
 def apply_lora_to_megatron_model(model, args_or_config) -> Any:
@@ -41,27 +44,30 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
     targets = set(modules)
     # Validate everything before touching anything.
     found, linears, to_convert = set(), set(), []
+    check_model_supports(chunks, config)
     for chunk in chunks:
         for name, module in chunk.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
             if supports_lora(type(module)):
-                linears.add(leaf)
-            if leaf not in targets:
+                linears |= selectable_names(name)
+            selected = selecting(targets, name)
+            if not selected:
                 continue
-            found.add(leaf)
+            found |= selected
             if not supports_lora(type(module)):
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, "
                                  f"not a Megatron parallel linear LoRA supports")
             # Raises for a LoRA module of another config, and for a class it cannot make.
-            lora_linear_class(type(module), config, modules[leaf])
+            projections = selected_projections(config, name)
+            lora_linear_class(type(module), config, projections)
             if not is_lora_linear(module):
-                if modules[leaf]:
-                    projection_layout(module, modules[leaf])  # canonical: refuses a geometry
+                if projections:
+                    projection_layout(module, projections)  # canonical: refuses a geometry
                 to_convert.append((name, module))
     missing = sorted(target_of_module(m, config.target_modules) for m in targets - found)
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no module of the model; "
-                         f"its parallel linears are {sorted(linears)}")
+                         f"its parallel linears are {sorted(linears)}"
+                         f"{moe.no_experts_hint(missing, linears)}")
     configs = [m.config for chunk in chunks for m in chunk.modules() if hasattr(m, "config")]
     check_exclusions(config, configs[0].num_layers if configs else None)
 
@@ -75,10 +81,22 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
             place_lora(layer, config)
         for name, module in list(chunk.named_modules()):
             if is_lora_linear(module) and not any(name.startswith(f"{p}.") for p in layers):
-                place_adapter(module, config, None, name)  # an adapter outside any layer
+                place_adapter(module, config, None, name, chunk)  # an adapter outside any layer
         if config.only_trainable:
             freeze_all_but_adapters(chunk)
     return model
+
+
+def check_model_supports(model, config: LoRAConfig) -> None:
+    """Refuse, before anything changes, MoE parts of the model `config` cannot adapt
+    (`moe.py`)."""
+    chunks = model_chunks(model)
+    configs = [m.config for chunk in chunks for m in chunk.modules() if hasattr(m, "config")]
+    if configs:
+        moe.check_moe_config(configs[0], config)
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            moe.check_experts_class(name, type(module), config)
 
 
 def _check_not_wrapped(chunks: Iterable[torch.nn.Module]) -> None:

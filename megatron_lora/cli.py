@@ -24,7 +24,8 @@ def _export_peft(args: argparse.Namespace) -> int:
     checkpoint = read_lora_checkpoint(args.checkpoint)
     for note in architecture_warnings(arch, checkpoint.config.target_modules):
         print(f"megatron-lora export-peft: warning: {note}", file=sys.stderr)
-    export_checkpoint(checkpoint, out, base_model_name_or_path=args.base_model)
+    export_checkpoint(checkpoint, out, base_model_name_or_path=args.base_model,
+                      architecture=args.architecture, expand_shared=args.expand_shared_experts)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -93,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
     export.add_argument("--architecture", default="LlamaForCausalLM",
                         help="HF architecture of the base model (Llama family, "
-                             "DeepseekV3ForCausalLM)")
+                             "Qwen3MoeForCausalLM, MixtralForCausalLM, DeepseekV3ForCausalLM)")
+    export.add_argument("--expand-shared-experts", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="write shared-outer expert factors into every expert (the "
+                             "per-expert form vLLM and PEFT read) instead of SGLang's shared form")
     export.set_defaults(run=_export_peft)
 
     inspect = commands.add_parser("inspect", help="describe an adapter checkpoint or PEFT folder")

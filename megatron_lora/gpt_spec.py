@@ -16,7 +16,7 @@ import argparse
 import importlib
 from typing import Any
 
-from lora_common import LoRAConfig
+from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import ADAPTER_PARAMETER_PATTERN
 
 
@@ -33,12 +33,15 @@ def gpt_lora_spec(
     with LoRA. TE spec when Transformer Engine imports (unless `use_transformer_engine` says
     otherwise); the MoE decoder block spec when `num_experts` is set. Extra keyword arguments go
     to Megatron's layer-spec function (e.g. `qk_layernorm=True`)."""
+    from megatron_lora import moe
     from megatron_lora.spec import lora_spec
 
+    lora = lora or LoRAConfig()
+    moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))
     return lora_spec(
         default_gpt_spec(config, use_transformer_engine=use_transformer_engine,
                          num_experts=num_experts, vp_stage=vp_stage, **layer_spec_kwargs),
-        lora or LoRAConfig(),
+        lora,
     )
 
 
@@ -46,9 +49,11 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     """`--spec megatron_lora get_gpt_lora_spec`: the base spec (from `--lora-base-spec MODULE
     FUNCTION`, called like `--spec` functions, or Megatron's default GPT spec) with LoRA
     configured by the `--lora-*` flags."""
+    from megatron_lora import moe
     from megatron_lora.spec import lora_spec
 
     lora = LoRAConfig.from_args(args)
+    moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))
     base_spec = getattr(args, "lora_base_spec", None)
     if base_spec:
         base = _import_base_spec(base_spec)

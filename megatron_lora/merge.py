@@ -54,14 +54,16 @@ def iter_merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """
     for index, chunk in enumerate(model_chunks(model)):
         prefix = f"{index}." if isinstance(model, (list, tuple)) else ""
-        owners = {id(m.weight): m for m in chunk.modules() if is_lora_linear(m)}
+        # Each adapted base weight (a grouped expert linear has one per expert) -> its owner.
+        owners = {id(pair.weight): (module, pair) for module in chunk.modules()
+                  if is_lora_linear(module) for pair in module.lora_pairs()}
         for name, param in chunk.named_parameters():
             if is_lora_parameter(name):
                 continue
-            owner = owners.get(id(param))
+            owner, pair = owners.get(id(param), (None, None))
             if owner is not None and owner.lora_active:
                 with torch.no_grad():  # not around the yield: grad mode must not leak out
-                    merged = owner.merged_weight()
+                    merged = owner.merged_weight(pair)
                 yield prefix + name, merged
             else:
                 yield prefix + name, param.detach()

@@ -3,10 +3,14 @@
 A model is one module or a list of virtual-pipeline chunks. Inside a chunk, a transformer layer
 knows its global `layer_number` (1-based, across pipeline stages), so a LoRA linear is named
 `decoder.layers.<global index>.<name in layer>` whatever the TP, PP or virtual-pipeline split:
-the names adapter checkpoints, `exclude_modules` and error messages use.
+the names adapter checkpoints, `exclude_modules` and error messages use. An expert of a
+`SequentialMLP` is named by its global expert index (`...experts.local_experts.<global>...`),
+whatever the expert-parallel split.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -46,8 +50,36 @@ def lora_modules(model) -> dict[str, torch.nn.Module]:
                 continue
             layer_path = next((p for p in layers if path.startswith(p + ".")), None)
             if layer_path is None:  # an adapter outside any transformer layer
-                modules[path] = module
+                name = path
             else:
-                name_in_layer = path[len(layer_path) + 1:]
-                modules[qualified_name(layers[layer_path].layer_number, name_in_layer)] = module
+                name = qualified_name(layers[layer_path].layer_number, path[len(layer_path) + 1:])
+            expert = getattr(module, "lora_expert", None)
+            modules[name if expert is None else global_expert_name(name, expert.index)] = module
     return modules
+
+
+def global_expert_name(name: str, index: int) -> str:
+    """`...experts.local_experts.<local>.x` -> `...experts.local_experts.<index>.x`."""
+    return re.sub(r"(?<=local_experts\.)\d+(?=\.)", str(index), name, count=1)
+
+
+def lora_tensors(model) -> dict[str, tuple[torch.Tensor, torch.nn.Module]]:
+    """Every adapter matrix of this rank by its name in an adapter checkpoint (the module's
+    name in the unsplit model, then `lora_A.weight`; per expert of a grouped or sequential
+    MoE linear `lora_A.weight<global expert index>`), with the module holding it."""
+    tensors = {}
+    for name, module in lora_modules(model).items():
+        for tensor_name, param in module.lora_tensors(name).items():
+            tensors[tensor_name] = (param, module)
+    return tensors
+
+
+def model_config(model):
+    """The model's own `TransformerConfig` (not a SequentialMLP's copy with the expert ffn size):
+    that of the outermost module carrying one."""
+    for chunk in model_chunks(model):
+        for module in chunk.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "num_attention_heads"):
+                return config
+    raise ValueError("found no TransformerConfig in the model")

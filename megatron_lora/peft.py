@@ -17,47 +17,68 @@ from lora_common import LoRAConfig
 from lora_common.peft_files import read_peft_adapter
 from lora_common.state import require_state
 from megatron_lora.adapter_checkpoint import gather_adapter, load_adapter
-from megatron_lora.apply import apply_lora_to_megatron_model
-from megatron_lora.interop import hf_mapping
+from megatron_lora.apply import apply_lora_to_megatron_model, check_model_supports
+from megatron_lora.interop import hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
+from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.peft_export import architecture_warnings, export_checkpoint
 from megatron_lora.interop.peft_import import fuse_peft_adapter
 from megatron_lora.interop.peft_import_canonical import peft_adapter_per_projection
-from megatron_lora.model import lora_modules, model_chunks
+from megatron_lora.model import lora_modules, model_config
 
 
 def export_peft_adapter(source, out_dir: str | Path, *,
                         base_model_name_or_path: str | None = None,
                         architecture: str = "LlamaForCausalLM",
-                        task_type: str = "CAUSAL_LM") -> None:
+                        task_type: str = "CAUSAL_LM", expand_shared: bool = False) -> None:
     """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
     checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
-    adapter is for; the Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layout, and
-    DeepseekV3ForCausalLM (multi-latent attention) maps each MLA linear 1:1."""
+    adapter is for: the Llama family (Llama, Mistral, Qwen2, Qwen3), the MoE Qwen3-MoE and
+    Mixtral, and DeepseekV3ForCausalLM (multi-latent attention: each MLA linear maps 1:1).
+    Experts' shared-outer factors go once in SGLang's form, or into every expert with
+    `expand_shared` (vLLM, PEFT)."""
     arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
     live = not isinstance(source, (str, Path))
+    if live:  # what rank 0 would refuse, refused on every rank (the others wait in a barrier)
+        _check_exportable(source, arch)
     checkpoint = gather_adapter(source) if live else read_lora_checkpoint(source)
     if checkpoint is not None:
         for note in architecture_warnings(arch, checkpoint.config.target_modules):
             warnings.warn(f"export_peft_adapter: {note}", stacklevel=2)
         export_checkpoint(checkpoint, out_dir, base_model_name_or_path=base_model_name_or_path,
-                          task_type=task_type)
+                          task_type=task_type, architecture=arch.name,
+                          expand_shared=expand_shared)
     if live and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def _transformer_config(model):
-    for chunk in model_chunks(model):
-        for module in chunk.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "num_attention_heads"):
-                return config
-    raise ValueError("import_peft_adapter: found no TransformerConfig in the model")
+def _megatron_targets(tensors, moe: bool) -> list[str]:
+    """The target entries selecting exactly the fused tensors' modules: Megatron's names in a
+    dense model; in an MoE model, `experts.` / `mlp.` in front of the MLP targets, so dense and
+    expert MLPs are told apart."""
+    targets = set()
+    for key in tensors:
+        k = parse_adapter_key(key)
+        prefix = {EXPERTS: "experts.", DENSE: "mlp."}.get(k.kind, "") if moe else ""
+        targets.add(prefix + k.target)
+    return sorted(targets)
+
+
+def _check_exportable(model, arch) -> None:
+    if Geometry.from_megatron(model_config(model)).num_moe_experts and arch.moe is None:
+        hf_experts.require_experts(arch)
+    shared = [name for name in lora_modules(model) if ".shared_experts." in name]
+    if shared:
+        raise ValueError(f"{arch.name} has no shared experts: the adapter of {shared[0]} has no "
+                         f"HF counterpart (leave shared_experts out of target_modules)")
 
 
 def _geometry(model) -> Geometry:
-    return Geometry.from_megatron(_transformer_config(model))
+    try:
+        return Geometry.from_megatron(model_config(model))
+    except ValueError as error:
+        raise ValueError(f"import_peft_adapter: {error}") from None
 
 
 def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None = None
@@ -81,23 +102,26 @@ def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None =
     previous = existing[0].lora_config if existing else LoRAConfig()
     canonical = previous.canonical if canonical is None else canonical
     adapter = read_peft_adapter(adapter_dir)
-    transformer_config = _transformer_config(model)
-    geometry = Geometry.from_megatron(transformer_config)
-    mla = getattr(transformer_config, "multi_latent_attention", False)
+    geometry = _geometry(model)
+    mla = getattr(model_config(model), "multi_latent_attention", False)
     attention = "mla" if mla else "standard"
     if canonical:
+        if adapter.shared or geometry.num_moe_experts:
+            raise ValueError(f"import_peft_adapter({source}, canonical=True): canonical LoRA "
+                             f"covers dense models; import an MoE adapter with canonical=False")
         tensors, target_modules = peft_adapter_per_projection(adapter, geometry, source, attention)
         rank, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+        layout = previous.expert_layout
     else:
-        tensors, rank, alpha = fuse_peft_adapter(adapter, geometry, source, attention)
-        target_modules = sorted({hf_mapping.parse_megatron_module(k.rsplit(".lora_", 1)[0])[1]
-                                 for k in tensors})
+        tensors, rank, alpha, layout = fuse_peft_adapter(adapter, geometry, source, attention)
+        target_modules = _megatron_targets(tensors, moe=bool(geometry.num_moe_experts))
     config = LoRAConfig(
         r=rank, alpha=alpha, dropout=float(adapter.config.get("lora_dropout") or 0.0),
         target_modules=target_modules, canonical=canonical,
         use_rslora=bool(adapter.config.get("use_rslora", False)),
         init="gaussian" if adapter.config.get("init_lora_weights") == "gaussian" else "kaiming",
-        only_trainable=previous.only_trainable, seed=previous.seed)
+        only_trainable=previous.only_trainable, seed=previous.seed, expert_layout=layout)
+    check_model_supports(model, config)  # before the rebuild below changes anything
     if any(module.lora_config != config for module in existing):
         for module in existing:  # another rank or target set: rebuild the adapters
             module.remove_lora()

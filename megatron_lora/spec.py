@@ -7,7 +7,10 @@ so the model keeps every base name and Megatron's sharded-state-dict maps still 
 
 A spec is a tree of `ModuleSpec`s and `*Submodules` dataclasses; megatron-core 0.19 also uses
 `functools.partial(Cls.as_..._submodule, submodules=...)` for some nodes. The walk looks
-inside all three, so specs from other packages (slime's, MoE block specs) work too.
+inside all three, so specs from other packages (slime's, MoE block specs) work too. A target
+selects a submodule by its path in the layer (`targets.py`: `linear_fc1`, `experts.linear_fc1`,
+`shared_experts.linear_fc2`); MoE expert classes LoRA cannot adapt are refused here, before
+anything is built (`moe.py`).
 
 Inside a module that picks how to build a submodule by testing its class for identity
 (`class_testing_modules()`: multi-latent attention), a LoRA subclass would be refused or replaced
@@ -27,8 +30,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.targets import target_of_module
-from megatron_lora.layers.placement import check_exclusions, lora_layer_class
+from megatron_lora import moe
+from megatron_lora.layers.placement import check_exclusions, lora_layer_class, selected_projections
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
+from megatron_lora.targets import selectable_names, selecting
 
 
 def class_testing_modules() -> tuple[type, ...]:
@@ -60,7 +65,8 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
                if m not in walk.found]
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no submodule of the spec; "
-                         f"its linear submodules are {sorted(walk.linears)}")
+                         f"its linear submodules are {sorted(walk.linears)}"
+                         f"{moe.no_experts_hint(missing, walk.linears)}")
     return result
 
 
@@ -106,16 +112,19 @@ class _SpecWalk:
                 continue
             value = getattr(node, field.name)
             where = f"{path}.{field.name}" if path else field.name
-            if supports_lora(_module_class(value)):
-                self.linears.add(field.name)
-            if field.name in self.modules:
-                changes[field.name] = self.target(value, where, field.name)
-                self.found.add(field.name)
+            cls = _module_class(value)
+            moe.check_experts_class(where, cls, self.config)
+            if supports_lora(cls):
+                self.linears |= selectable_names(where)
+            selected = selecting(self.modules, where)
+            if selected:
+                changes[field.name] = self.target(value, where)
+                self.found |= selected
             else:
                 changes[field.name] = self.node(value, where)
         return dataclasses.replace(node, **changes)
 
-    def target(self, value, where: str, module: str):
+    def target(self, value, where: str):
         """The LoRA version of a target submodule: a class, a ModuleSpec of a class, or a
         partial of a class (left as it is inside a class-testing module)."""
         cls = _module_class(value)
@@ -124,7 +133,8 @@ class _SpecWalk:
                              f"not a Megatron parallel linear LoRA supports")
         if self.deferring:
             return value
-        lora_cls = lora_linear_class(cls, self.config, self.modules[module])
+        lora_cls = lora_linear_class(cls, self.config,
+                                     selected_projections(self.config, where) or ())
         if isinstance(value, ModuleSpec):
             return dataclasses.replace(value, module=lora_cls)
         if isinstance(value, functools.partial):

@@ -10,12 +10,15 @@ the merged model:
     list(weights)                              # base names only, never lora_A / lora_B
     weights["...linear_qkv.weight"]            # this rank's shard of W + scaling * B @ A
 
-Tensors are paired by name (`<m>.weight` with `<m>.lora_A.weight` and `<m>.lora_B.weight`,
-or, canonical LoRA, with every `<m>.lora_<projection>.lora_A.weight` / `.lora_B.weight`), so
-any prefix or layer renumbering works, and the merge is done on access (peak extra memory: one
-merged tensor) with the arithmetic of `iter_merged_weights`: fp32, one cast. Each merge is of
-one TP shard, which the sharding rule makes exact; gather after merging, never before (after
-the gather, SwiGLU fc1's rows are interleaved across ranks).
+Tensors are paired by name (`<m>.weight` with `<m>.lora_A.weight` and `<m>.lora_B.weight`;
+a grouped MoE linear's `<m>.weight<k>` with `<m>.lora_A.weight<k>`, or with `<m>.lora_A.weight`
+where the experts share it; canonical LoRA's `<m>.weight` with every
+`<m>.lora_<projection>.lora_A.weight` / `.lora_B.weight`), so any prefix, layer renumbering or
+expert renumbering works (slime names grouped experts by global index, `weight<k>` and
+`lora_B.weight<k>` alike), and the merge is done on access (peak extra memory: one merged
+tensor) with the arithmetic of `iter_merged_weights`: fp32, one cast. Each merge is of one TP
+shard, which the sharding rule makes exact; gather after merging, never before (after the
+gather, SwiGLU fc1's rows are interleaved across ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from lora_common.state import adapter_prefix, is_lora_parameter, require_state
+from lora_common.state import adapter_prefix, is_lora_parameter, parse_adapter_name, require_state
 from lora_common.targets import PROJECTIONS
 from megatron_lora.layers.functional import merged_shard
 from megatron_lora.model import lora_modules
@@ -100,30 +103,37 @@ class MergedWeights(Mapping):
 
 def _adapter_pairs(tensors: Mapping[str, torch.Tensor], r: int) -> dict[str, tuple[str, str]]:
     """`{base weight: (A, B)}` for every adapter in `tensors`, each of rank `r`; every problem
-    named at once."""
-    pairs, problems, seen = {}, [], set()
+    named at once. A module's adapter matrices are `lora_A.weight` / `lora_B.weight`, or per
+    expert of a grouped linear `lora_A.weight<k>` (for base `weight<k>`), a matrix without a
+    number being shared by all of the module's experts."""
+    found: dict[str, dict[str, set[str]]] = {}  # module prefix -> matrix -> expert numbers
     for name in tensors:
-        prefix = adapter_prefix(name)
-        if prefix is None:
-            continue
-        if prefix in seen or projection_of(prefix) is not None:
-            continue  # handled from its other matrix, or a canonical projection's
-        seen.add(prefix)
-        a_name, b_name, base = f"{prefix}lora_A.weight", f"{prefix}lora_B.weight", f"{prefix}weight"
-        missing = [n for n in (a_name, b_name, base) if n not in tensors]
-        if missing:
-            problems.append(f"{name} has no {', '.join(missing)}")
-            continue
-        A, B, W = tensors[a_name], tensors[b_name], tensors[base]
-        if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(W.shape):
-            problems.append(f"{base} {tuple(W.shape)} cannot take lora_B {tuple(B.shape)} @ "
-                            f"lora_A {tuple(A.shape)}")
-            continue
-        if A.shape[0] != r:
-            problems.append(f"{a_name} {tuple(A.shape)} has rank {A.shape[0]}; the model's LoRA "
-                            f"modules have r={r}")
-            continue
-        pairs[base] = (a_name, b_name)
+        parsed = parse_adapter_name(name)
+        if parsed is not None and projection_of(parsed[0]) is None:  # canonical: apart
+            prefix, matrix, number = parsed
+            found.setdefault(prefix, {"A": set(), "B": set()})[matrix].add(number)
+    pairs, problems = {}, []
+    for prefix, numbers in found.items():
+        experts = sorted((numbers["A"] | numbers["B"]) - {""}, key=int) or [""]
+        for number in experts:
+            names = [f"{prefix}lora_{m}.weight{number if number in numbers[m] else ''}"
+                     for m in ("A", "B")]
+            a_name, b_name, base = *names, f"{prefix}weight{number}"
+            missing = [n for n in (a_name, b_name, base) if n not in tensors]
+            if missing:
+                present = next(n for n in (a_name, b_name) if n in tensors)
+                problems.append(f"{present} has no {', '.join(missing)}")
+                continue
+            A, B, W = tensors[a_name], tensors[b_name], tensors[base]
+            if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(W.shape):
+                problems.append(f"{base} {tuple(W.shape)} cannot take {b_name.rsplit('.', 2)[-2]}"
+                                f" {tuple(B.shape)} @ {a_name.rsplit('.', 2)[-2]} {tuple(A.shape)}")
+                continue
+            if A.shape[0] != r:
+                problems.append(f"{a_name} {tuple(A.shape)} has rank {A.shape[0]}; the model's "
+                                f"LoRA modules have r={r}")
+                continue
+            pairs[base] = (a_name, b_name)
     if problems:
         raise ValueError("merged_weights: " + "; ".join(problems))
     return pairs
@@ -211,9 +221,11 @@ def merged_weights(tensors: Mapping[str, torch.Tensor], model, device=None) -> M
                if hasattr(module, "lora_layout")}
     view = MergedWeights(tensors, scaling, r, device, layouts)
     paired = len(view.adapters) + len(view.projections)
-    if paired != len(modules):
+    adapted = sum(len(module.lora_pairs()) for module in modules.values())
+    if paired != adapted:
         raise ValueError(f"merged_weights: the tensors pair {paired} adapter(s) "
-                         f"with base weights, the model has {len(modules)} LoRA module(s)")
+                         f"with base weights, the model has {len(modules)} LoRA module(s) "
+                         f"adapting {adapted} weight(s)")
     return view
 
 

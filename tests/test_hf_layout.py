@@ -92,13 +92,14 @@ def test_split_target_routes_each_megatron_target():
 def test_unknown_architecture_is_named_with_the_known_ones():
     from transformers import GPT2Config
 
-    known = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    known = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+             "Qwen3MoeForCausalLM, MixtralForCausalLM")
     with pytest.raises(ValueError, match=f"unknown architecture GPT2LMHeadModel; .* knows {known}"):
         hf_mapping.architecture("GPT2LMHeadModel")
     with pytest.raises(ValueError, match="unknown architecture model_type 'gpt2'"):
         hf_mapping.architecture(GPT2Config())
-    with pytest.raises(ValueError, match="unknown architecture Qwen3MoeForCausalLM"):
-        Geometry.from_hf(type("Config", (), {"architectures": ["Qwen3MoeForCausalLM"]})())
+    with pytest.raises(ValueError, match="unknown architecture DeepseekV3ForCausalLM"):
+        Geometry.from_hf(type("Config", (), {"architectures": ["DeepseekV3ForCausalLM"]})())
 
 
 @pytest.mark.parametrize("model_type", list(hf_llama.VARIANTS))

@@ -362,3 +362,111 @@ def test_bad_input_is_named(cases):
     streamed, given = errors["plain_stream"]
     assert streamed == given  # the same names in order, each the very tensor it was given
     assert errors["rule"] == [True, True, False, False, False, False]
+
+
+# ----- an MoE model at EP=2: slime's global expert names ------------------------------------
+
+_SLIME_EXPERT = re.compile(r"mlp\.experts\.(.+)\.(weight|bias)(\d+)")
+
+
+def slime_global_names(model) -> dict[str, torch.Tensor]:
+    """The live parameters as slime's `named_params_and_buffers(args, model,
+    convert_to_global_name=True)` names them at 624b824a (update_weight/common.py, one chunk,
+    no pipeline offset): `module.module.` in front, and a grouped expert linear's numbered
+    parameters (`linear_fc1.weight<i>`, and with LoRA `linear_fc1.lora_B.weight<i>`, which the
+    same rule matches) renumbered by this EP rank's expert offset."""
+    from megatron.core import parallel_state
+
+    per_rank = model.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+    offset = parallel_state.get_expert_model_parallel_rank() * per_rank
+    names = {}
+    for name, param in model.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+        rest = match.group(2) if match else None
+        expert = _SLIME_EXPERT.match(rest) if rest else None
+        if expert:
+            rest_, kind, index = expert.groups()
+            layer = match.group(1)
+            name = f"decoder.layers.{layer}.mlp.experts.{rest_}.{kind}{int(index) + offset}"
+        names[f"module.module.{name}"] = param
+    return names
+
+
+def moe_weight_sync_cases():
+    """At EP=2 (TE grouped experts, per-expert and shared-outer adapters) and at EP=1: the
+    merged view of slime's globally named weights, its stream form, and the adapter checkpoint
+    names; every merged expert weight gathered by its global name."""
+    from support import moe_cases
+
+    from megatron_lora import iter_merged_tensors, iter_merged_weights, merged_weights
+    from megatron_lora.adapter_checkpoint import gather_adapter
+
+    out = {}
+    for layout in ("EP2", "EP1"):
+        for expert_layout in ("per_expert", "shared_outer"):
+            moe_cases.use_layout(layout)
+            config = LoRAConfig(r=4, alpha=8, expert_layout=expert_layout)
+            model = moe_cases.lora_moe(config, te=True)
+            moe_cases.set_nonzero_B(model)
+            live = slime_global_names(model)
+            local_names = dict(zip(live, (n for n, _ in model.named_parameters())))
+            reference = dict(iter_merged_weights(model))  # local names, this rank's shards
+            view = merged_weights(live, model)
+            r = {"names": list(view), "adapted": sorted(view.adapters),
+                 "bit_exact": all(torch.equal(view[n], reference[local_names[n]]) for n in view),
+                 "stream": [n for n, _ in iter_merged_tensors(iter(live.items()), model)],
+                 "delta_reaches": all(not torch.equal(view[n], live[n]) for n in view.adapters)}
+            merged = {n: view[n].clone() for n in view if ".experts." in n}
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, merged)
+            r["experts_merged"] = {n: t for rank in everyone for n, t in rank.items()}
+            checkpoint = gather_adapter(model)
+            r["checkpoint_names"] = None if checkpoint is None else sorted(checkpoint.tensors)
+            out[(layout, expert_layout)] = r
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_cases_ep():
+    import te_emulation
+
+    return run_on_ranks(moe_weight_sync_cases, world_size=2, setup=te_emulation.enable,
+                        timeout=900)
+
+
+@pytest.mark.parametrize("expert_layout", ["per_expert", "shared_outer"])
+def test_moe_weight_sync_carries_every_expert_delta_under_slimes_global_names(
+        moe_cases_ep, expert_layout):
+    for rank, results in enumerate(moe_cases_ep):
+        r = results[("EP2", expert_layout)]
+        assert not any(".lora_" in n for n in r["names"]) and r["names"] == r["stream"]
+        assert r["bit_exact"], "the view must equal iter_merged_weights bit for bit"
+        # This rank's two global experts of each layer: fc1 and fc2 each, plus attention.
+        experts = [2 * rank, 2 * rank + 1]
+        expected = sorted(
+            [f"module.module.decoder.layers.{layer}.self_attention.{m}.weight"
+             for layer in (0, 1) for m in ("linear_qkv", "linear_proj")]
+            + [f"module.module.decoder.layers.{layer}.mlp.experts.{fc}.weight{e}"
+               for layer in (0, 1) for fc in ("linear_fc1", "linear_fc2") for e in experts])
+        assert r["adapted"] == expected
+        assert r["delta_reaches"]  # B != 0: every merged weight differs from its base
+
+
+@pytest.mark.parametrize("expert_layout", ["per_expert", "shared_outer"])
+def test_moe_merged_experts_at_ep2_equal_those_at_ep1(moe_cases_ep, expert_layout):
+    reference = moe_cases_ep[0][("EP1", expert_layout)]["experts_merged"]
+    for results in moe_cases_ep:
+        got = results[("EP2", expert_layout)]["experts_merged"]
+        assert sorted(got) == sorted(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("expert_layout", ["per_expert", "shared_outer"])
+def test_moe_adapter_checkpoint_names_experts_globally(moe_cases_ep, expert_layout):
+    at_ep2 = moe_cases_ep[0][("EP2", expert_layout)]["checkpoint_names"]
+    assert at_ep2 == moe_cases_ep[0][("EP1", expert_layout)]["checkpoint_names"]
+    assert moe_cases_ep[1][("EP2", expert_layout)]["checkpoint_names"] is None  # rank 0 writes
+    experts = {int(m.group(1)) for n in at_ep2
+               if (m := re.search(r"experts\.linear_fc2\.lora_A\.weight(\d+)$", n))}
+    assert experts == {0, 1, 2, 3}

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# Fields that may be None (a dense model) and that headers written before them lack.
+OPTIONAL_FIELDS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The shape facts that splitting and fusing need, in Megatron's `TransformerConfig` names.
@@ -27,6 +31,10 @@ class Geometry:
     kv_channels: int  # per-head width; Qwen3 sets it apart from hidden_size / heads
     ffn_hidden_size: int
     gated_linear_unit: bool = True
+    # MoE (None for a dense model; headers written before MoE support lack them):
+    num_moe_experts: int | None = None                    # routed experts per MoE layer
+    moe_ffn_hidden_size: int | None = None                # each routed expert's ffn width
+    moe_shared_expert_intermediate_size: int | None = None  # the shared experts' ffn width
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -34,8 +42,13 @@ class Geometry:
             if field.type in (bool, "bool"):
                 if not isinstance(value, bool):
                     raise ValueError(f"Geometry.{field.name} must be a bool, got {value!r}")
+            elif value is None and field.name in OPTIONAL_FIELDS:
+                continue
             elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Geometry.{field.name} must be a positive int, got {value!r}")
+        if (self.num_moe_experts is None) != (self.moe_ffn_hidden_size is None):
+            raise ValueError(f"Geometry: num_moe_experts ({self.num_moe_experts}) and "
+                             f"moe_ffn_hidden_size ({self.moe_ffn_hidden_size}) go together")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"Geometry: num_attention_heads {self.num_attention_heads} is not a "
                              f"multiple of num_query_groups {self.num_query_groups}")
@@ -50,6 +63,14 @@ class Geometry:
         """Output width of `linear_fc1` (`[gate; up]` when gated)."""
         return self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
 
+    def ffn_size(self, kind: str) -> int:
+        """The ffn width of an MLP of `kind`: "dense", "experts" or "shared_experts"."""
+        size = {"dense": self.ffn_hidden_size, "experts": self.moe_ffn_hidden_size,
+                "shared_experts": self.moe_shared_expert_intermediate_size}[kind]
+        if size is None:
+            raise ValueError(f"Geometry: the model has no MoE {kind.replace('_', ' ')}")
+        return size
+
     @classmethod
     def from_megatron(cls, config: Any) -> Geometry:
         """From a Megatron `TransformerConfig` (None groups / kv_channels take Megatron's
@@ -61,6 +82,11 @@ class Geometry:
             kv_channels=config.kv_channels or config.hidden_size // heads,
             ffn_hidden_size=config.ffn_hidden_size,
             gated_linear_unit=bool(config.gated_linear_unit),
+            num_moe_experts=getattr(config, "num_moe_experts", None) or None,
+            moe_ffn_hidden_size=(config.moe_ffn_hidden_size
+                                 if getattr(config, "num_moe_experts", None) else None),
+            moe_shared_expert_intermediate_size=getattr(
+                config, "moe_shared_expert_intermediate_size", None) or None,
         )
 
     @classmethod
@@ -68,8 +94,10 @@ class Geometry:
         """From an HF config of a known architecture (all of them use SwiGLU)."""
         from megatron_lora.interop.hf_mapping import architecture
 
-        mla = architecture(config).attention == "mla"
+        arch = architecture(config)
+        mla, moe = arch.attention == "mla", arch.moe
         heads = config.num_attention_heads
+        experts = getattr(config, moe.num_experts_field) if moe else None
         # HF's own rule: an absent or None head_dim means hidden_size / heads. MLA's head
         # widths are its own fields (DeepSeek-V3's `head_dim` is the rope width); Megatron's
         # MLA config keeps kv_channels at its default, hidden_size / heads.
@@ -80,6 +108,8 @@ class Geometry:
             num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
             kv_channels=head_dim or config.hidden_size // heads,
             ffn_hidden_size=config.intermediate_size, gated_linear_unit=True,
+            num_moe_experts=experts,
+            moe_ffn_hidden_size=getattr(config, moe.ffn_field) if moe else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +118,8 @@ class Geometry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - known), sorted(known - set(data) - {"gated_linear_unit"})
+        unknown = sorted(set(data) - known)
+        missing = sorted(known - set(data) - {"gated_linear_unit"} - set(OPTIONAL_FIELDS))
         if unknown or missing:
             raise ValueError(f"Geometry.from_dict: unknown field(s) {unknown}, missing field(s) "
                              f"{missing}; fields are {sorted(known)}")

@@ -1,4 +1,5 @@
-"""Megatron GPT <-> HuggingFace Llama-family names and tensor layouts, written once.
+"""Megatron GPT <-> HuggingFace Llama-family names and tensor layouts, written once (the MoE
+experts' names: `hf_experts.py`).
 
 Used by the PEFT export and import (and by the tests that convert an HF model into a Megatron
 `GPTModel`). No transformers or Megatron import: the functions take names, plain tensors and
@@ -40,6 +41,20 @@ from megatron_lora.interop.geometry import Geometry
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """How an HF MoE architecture names its routed experts in the per-expert form PEFT adapters
+    use (transformers 4 module names, which SGLang and vLLM read and PEFT converts on load for
+    transformers 5's fused experts): `model.layers.{l}.<path>.{e}.<gate|up|down>`."""
+
+    path: str               # the experts inside an HF layer
+    gate: str
+    up: str
+    down: str
+    num_experts_field: str  # HF config field: experts per layer
+    ffn_field: str          # HF config field: each expert's ffn width
+
+
+@dataclass(frozen=True)
 class Architecture:
     """An HF Llama-family causal LM class and what its layers carry beyond Llama's."""
 
@@ -48,7 +63,13 @@ class Architecture:
     qkv_bias: bool   # q/k/v projections have biases (o_proj and the MLP do not)
     qk_norm: bool    # RMSNorm over each head's q and k, before RoPE
     attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
+    moe: ExpertNames | None = None  # routed experts (MoE architectures), no shared experts
 
+
+QWEN3_MOE_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
+                                num_experts_field="num_experts", ffn_field="moe_intermediate_size")
+MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe.experts", "w1", "w3", "w2",
+                              num_experts_field="num_local_experts", ffn_field="intermediate_size")
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a for a in (
@@ -56,6 +77,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False),
         Architecture("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
         Architecture("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
+        Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
+                     moe=QWEN3_MOE_EXPERTS),
+        Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
+                     moe=MIXTRAL_EXPERTS),
         # Dense layers; routed experts are not mapped (their HF and Megatron names differ).
         Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
                      attention="mla"),

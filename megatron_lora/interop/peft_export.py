@@ -9,6 +9,13 @@ v each get the fused A (copied) and their rows of the fused B, read with Megatro
 layout `[q heads of group g; k_g; v_g]` (`hf_mapping.split_qkv`). The split runs on full
 tensors, after the TP gather, where fc1's B is `[gate; up]` again. A canonical adapter
 (`linear_qkv.lora_q`) is already its HF module's: it is written as it is, at its own rank.
+
+MoE routed experts export per expert (`hf_experts.py`): `mlp.experts.{e}.gate_proj` and so on,
+with the global expert index, the form SGLang and vLLM serve and PEFT converts for
+transformers 5. With `shared_outer` adapters the factors the experts share are written once in
+SGLang's form (`mlp.experts.gate_proj.lora_A.weight` `[1, r, H]`), or, with
+`expand_shared=True`, copied into every expert (the per-expert form vLLM and PEFT read: the same
+model, bigger file).
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from pathlib import Path
 import torch
 
 from lora_common.peft_files import adapter_config_dict, write_peft_adapter
-from megatron_lora.interop import hf_mapping
+from megatron_lora.interop import hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint
+from megatron_lora.interop.adapter_keys import EXPERTS, SHARED_EXPERTS, parse_adapter_key
 
 # vLLM serves adapters of rank <= its --max-lora-rank, which defaults to 16 and must be one of
 # these values (vLLM's LoRAConfig); SGLang has a --max-lora-rank too.
@@ -28,23 +36,72 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def peft_modules(checkpoint: AdapterCheckpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """HF module name -> (A, B) for every adapter in a Megatron adapter checkpoint."""
-    adapters = {}
-    for key in checkpoint.tensors:
-        if not key.endswith(".lora_A.weight"):
+Pair = tuple  # (A or None, B or None)
+
+
+def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCausalLM",
+                 expand_shared: bool = True) -> tuple[dict[str, Pair], dict[str, Pair]]:
+    """(HF module name -> (A, B), shared expert module -> ([1, ...] A or None, B or None)) for
+    every adapter in a Megatron adapter checkpoint. Without `expand_shared`, an expert's factor
+    shared by the layer's experts is None in the first dict and given once in the second."""
+    arch = hf_mapping.architecture(architecture)
+    if checkpoint.geometry.num_moe_experts and arch.moe is None:
+        hf_experts.require_experts(arch)
+    units: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key, tensor in checkpoint.tensors.items():
+        k = parse_adapter_key(key)
+        units.setdefault((k.layer, k.kind, k.target, k.expert, k.projection), {})[k.matrix] = tensor
+    adapters, shared = {}, {}
+    for (layer, kind, target, expert, projection), matrices in sorted(units.items(),
+                                                                      key=_unit_order):
+        if kind == SHARED_EXPERTS:
+            raise ValueError(f"{arch.name} has no shared experts: the adapter of "
+                             f"decoder.layers.{layer}.mlp.shared_experts.{target} has no HF "
+                             f"counterpart (leave shared_experts out of target_modules)")
+        if projection is not None:  # canonical: one projection's own adapter, as it is
+            adapters[hf_mapping.hf_projection_module(layer, target, projection)] = (
+                matrices["A"], matrices["B"])
             continue
-        module = key[: -len(".lora_A.weight")]
-        layer, target, projection = hf_mapping.parse_megatron_adapter(module)
-        A = checkpoint.tensors[key]
-        B = checkpoint.tensors[f"{module}.lora_B.weight"]
-        if projection is not None:  # canonical: one projection's own adapter
-            adapters[hf_mapping.hf_projection_module(layer, target, projection)] = (A, B)
+        if kind != EXPERTS:
+            A, B = matrices["A"], matrices["B"]
+            parts = hf_mapping.split_target(target, B, checkpoint.geometry)
+            for name, part in zip(hf_mapping.hf_module_names(layer, target), parts, strict=True):
+                adapters[name] = (A.clone(), part.contiguous())
             continue
-        parts = hf_mapping.split_target(target, B, checkpoint.geometry)
-        for name, part in zip(hf_mapping.hf_module_names(layer, target), parts):
-            adapters[name] = (A.clone(), part.contiguous())
-    return adapters
+        names = hf_experts.require_experts(arch)
+        if expert is None:  # shared by the experts: written once (SGLang) or into each expert
+            if not expand_shared:
+                for name in hf_experts.module_names(names, layer, target, None):
+                    shared[name] = _shared_pair(matrices)
+            continue
+        common = units.get((layer, kind, target, None, None), {})
+        A, B = matrices.get("A", common.get("A")), matrices.get("B", common.get("B"))
+        B_parts = hf_mapping.split_fc1(B) if target == "linear_fc1" else (B,)
+        modules = hf_experts.module_names(names, layer, target, expert)
+        for name, part in zip(modules, B_parts, strict=True):
+            adapters[name] = (None if "A" in common and not expand_shared else A.clone(),
+                              None if "B" in common and not expand_shared else part.clone())
+    return adapters, shared
+
+
+def _unit_order(item):
+    (layer, kind, target, expert, projection), _ = item
+    return layer, kind, target, -1 if expert is None else expert, projection or ""
+
+
+def _shared_pair(matrices: dict) -> Pair:
+    """SGLang's `[1, ...]` tensor of a matrix the experts share (fc1's A goes to gate and up
+    alike: B @ A restricted to either's rows uses all of A)."""
+    if "A" in matrices:
+        return matrices["A"][None].clone(), None
+    return None, matrices["B"][None].clone()
+
+
+def _hf_names(layer: int, target: str, projection: str) -> tuple[str, ...]:
+    """The HF modules of a target, or of one canonical projection of it."""
+    if projection:
+        return (hf_mapping.hf_projection_module(layer, target, projection),)
+    return hf_mapping.hf_module_names(layer, target)
 
 
 def serving_warnings(r: int) -> list[str]:
@@ -71,18 +128,23 @@ def architecture_warnings(architecture: hf_mapping.Architecture, targets) -> lis
 
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,
                       base_model_name_or_path: str | None = None,
-                      task_type: str = "CAUSAL_LM") -> dict:
+                      task_type: str = "CAUSAL_LM", architecture: str = "LlamaForCausalLM",
+                      expand_shared: bool = False) -> dict:
     """Write `checkpoint` as a PEFT adapter folder; returns the adapter_config written."""
-    adapters = peft_modules(checkpoint)
-    targets = checkpoint.config.target_modules
+    adapters, shared = peft_modules(checkpoint, architecture, expand_shared)
     # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
     # so PEFT adapts exactly the modules that have tensors.
-    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in targets
-                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
+    keys = [parse_adapter_key(k) for k in checkpoint.tensors]
+    dense_targets = sorted({(k.target, k.projection or "") for k in keys
+                            if k.kind not in (EXPERTS, SHARED_EXPERTS)})
+    excluded = [name for layer in range(checkpoint.geometry.num_layers)
+                for target, projection in dense_targets
+                for name in _hf_names(layer, target, projection) if name not in adapters]
+    leaves = {name.rsplit(".", 1)[1] for name in (*adapters, *shared)}
     config = adapter_config_dict(
-        checkpoint.config, hf_mapping.hf_target_modules(targets), exclude_modules=excluded,
+        checkpoint.config, sorted(leaves), exclude_modules=excluded,
         task_type=task_type, base_model_name_or_path=base_model_name_or_path)
     for note in serving_warnings(checkpoint.config.r):
         warnings.warn(f"export_peft_adapter: {note}", stacklevel=3)
-    write_peft_adapter(out_dir, config, adapters)
+    write_peft_adapter(out_dir, config, adapters, shared)
     return config

@@ -9,16 +9,22 @@ A LoRA linear *is* its base class (same constructor, same `weight`/`bias` names,
 
 `LoRAParallelLinear` holds what every family shares: the adapter parameters with Megatron's TP
 attributes, their init, merge and unmerge, the dist-checkpoint description (`sharded_state.py`)
-and the adapter's forward. Which matrix is split where is the family's (`sharding.py`); the one collective on the
-`[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire the adapter into
-the forward of megatron-core's local linears; `te_linear.py` does the same for its Transformer
-Engine wrappers.
+and the adapter's forward. Which matrix is split where is the family's (`sharding.py`); the one
+collective on the `[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire
+the adapter into the forward of megatron-core's local linears; `te_linear.py` does the same for
+its Transformer Engine wrappers, `grouped_linear.py` for its grouped (MoE) linears.
+
+An expert linear of megatron-core's `SequentialMLP` is one of these too; the layer's placement
+tells it so (`configure_expert`), and from then on it follows the expert rule (`expert.py`): no
+collective of its own, the whole matrix's grad summed over the expert-TP group, DDP's expert
+marks, a name with the global expert index.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
     get_cuda_rng_tracker,
@@ -32,10 +38,18 @@ from lora_common.init import initial_lora_A
 from lora_common.state import LoRAState, is_lora_parameter
 from megatron_lora.layers import sharding
 from megatron_lora.layers.comm import reduce_hidden
-from megatron_lora.layers.factor import LoRAFactor
+from megatron_lora.layers.expert import (
+    ExpertPlace,
+    mark_expert_adapter,
+    refuse_dropout,
+    sum_grad_over,
+    uses_expert_groups,
+)
+from megatron_lora.layers.factor import AdapterPair, LoRAFactor
 from megatron_lora.layers.functional import accumulate_lora_output, is_te_quantized, merged_shard
 from megatron_lora.layers.sharded_state import adapter_sharded_state
-from megatron_lora.layers.sharding import COLUMN, ROW, Family, group_size_rank
+from megatron_lora.layers.sharding import COLUMN, ROW, Family
+from megatron_lora.targets import target_path
 
 
 class LoRAParallelLinear(LoRAState):
@@ -47,6 +61,7 @@ class LoRAParallelLinear(LoRAState):
     lora_family: Family
     lora_A: LoRAFactor
     lora_B: LoRAFactor
+    lora_expert: ExpertPlace | None = None  # set by `configure_expert` on SequentialMLP experts
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,11 +75,6 @@ class LoRAParallelLinear(LoRAState):
 
         `stride` is the base weight's partition stride (2 for SwiGLU fc1); when not given it
         is read from the weight's Megatron attributes."""
-        tp, _ = group_size_rank(self.lora_tp_group)
-        if getattr(self, "explicit_expert_comm", False) and tp > 1:
-            raise NotImplementedError(
-                f"LoRA on expert linears with expert tensor parallelism ({type(self).__name__}, "
-                f"tp={tp}) is not supported; use expert_tensor_parallel_size=1")
         self.lora_scaling = self.lora_config.scaling
         self.lora_merged = False
         self.lora_disabled = 0
@@ -121,6 +131,16 @@ class LoRAParallelLinear(LoRAState):
         `_tp_group` (TE's own `tp_group` is None where TE's communication is switched off)."""
         return getattr(self, "_tp_group", None) or self.tp_group
 
+    def configure_expert(self, place: ExpertPlace) -> None:
+        """Make this adapter an expert's (the linear is an expert of a `SequentialMLP`): the
+        expert rule's marks, and its place for names and init. Called by the layer's placement."""
+        refuse_dropout(type(self).__name__, self.lora_config.dropout, self.lora_tp_group)
+        use_groups = uses_expert_groups(self.lora_tp_group, place.ep_group,
+                                        self.config.tensor_model_parallel_size)
+        for matrix in (self.lora_A, self.lora_B):
+            mark_expert_adapter(matrix.weight, use_groups)
+        self.lora_expert = place
+
     def remove_lora(self) -> None:
         """Turn this module back into a plain instance of its base class."""
         if self.lora_merged:
@@ -128,12 +148,41 @@ class LoRAParallelLinear(LoRAState):
         adapters = [name for name, _ in self.named_children() if name.startswith("lora_")]
         for attr in (*adapters, "lora_scaling", "lora_merged", "lora_disabled"):
             delattr(self, attr)
+        self.__dict__.pop("lora_expert", None)
         self.__class__ = self.lora_base_class
+
+    def lora_pairs(self) -> list[AdapterPair]:
+        """Each base weight of this module with the adapter matrices that update it."""
+        return [AdapterPair("weight", self.weight, *self.lora_weights(),
+                            "lora_A.weight", "lora_B.weight")]
+
+    def lora_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This module's adapter matrices by their names in an adapter checkpoint, given the
+        module's `name` in the unsplit model (`model.lora_modules`). An expert of a
+        `SequentialMLP` is named like the same expert of a grouped linear, so checkpoints
+        interchange: `...mlp.experts.linear_fc1.lora_A.weight<global index>`."""
+        if self.lora_expert is None:  # a canonical linear: `{name}.lora_q.lora_A.weight`, ...
+            return {f"{name}.{key}": param for key, param in self.lora_parameters().items()}
+        stem, index = target_path(name), self.lora_expert.index
+        return {f"{stem}.lora_A.weight{index}": self.lora_A.weight,
+                f"{stem}.lora_B.weight{index}": self.lora_B.weight}
 
     @property
     def lora_in_features(self) -> int:
         """The full (unsharded) input size of A."""
         return sharding.full_shape(self.lora_A.weight, self.lora_tp_group)[1]
+
+    @property
+    def lora_is_expert(self) -> bool:
+        """Whether this adapter follows the expert rule (`expert.py`)."""
+        return self.lora_expert is not None
+
+    def lora_replica_groups(self, param: torch.Tensor) -> list:
+        """The groups over which the full (TP-gathered) value of the adapter matrix `param` is
+        the same on every rank: one rank of them all writes it to a checkpoint."""
+        if not self.lora_is_expert:
+            return [self.lora_tp_group, parallel_state.get_data_parallel_group()]
+        return [self.lora_tp_group, parallel_state.get_expert_data_parallel_group()]
 
     @torch.no_grad()
     def reset_lora_parameters(self, *key: object) -> None:
@@ -151,24 +200,30 @@ class LoRAParallelLinear(LoRAState):
     def lora_delta(self) -> torch.Tensor:
         """`scaling * B @ A` for this rank's shard of the weight, in fp32. The sharding rule
         makes it local: column ranks hold B's rows of their output slice and all of A; row
-        ranks hold all of B and A's columns of their input slice."""
-        return lora_delta(*self.lora_weights(), self.lora_scaling)
+        ranks hold all of B and A's columns of their input slice. (A grouped linear: its first
+        expert's.)"""
+        pair = self.lora_pairs()[0]
+        return lora_delta(pair.A, pair.B, self.lora_scaling)
 
-    def merged_weight(self) -> torch.Tensor:
-        """This rank's shard of `W + scaling * B @ A` (a new tensor in W's dtype; W untouched)."""
-        return merged_shard(self.weight, *self.lora_weights(), self.lora_scaling)
+    def merged_weight(self, pair: AdapterPair | None = None) -> torch.Tensor:
+        """This rank's shard of `W + scaling * B @ A` for one of `lora_pairs()` (default: the
+        first), a new tensor in W's dtype; W untouched."""
+        pair = pair or self.lora_pairs()[0]
+        return merged_shard(pair.weight, pair.A, pair.B, self.lora_scaling)
 
     @torch.no_grad()
     def merge_lora(self) -> None:
         """W += scaling * B @ A in place (fp32 arithmetic, one cast); the branch is then skipped."""
         if self.lora_merged:
             raise RuntimeError(f"{type(self).__name__}: LoRA is already merged")
-        if is_te_quantized(self.weight):
+        pairs = self.lora_pairs()
+        if any(is_te_quantized(pair.weight) for pair in pairs):
             raise RuntimeError(
                 f"{type(self).__name__}: the base weight is FP8 (TE primary weights); writing a "
                 f"merge into it re-quantizes it, losing small deltas for good. Stream merged "
                 f"weights with iter_merged_weights (bf16) instead")
-        self.weight.copy_(self.merged_weight())
+        for pair in pairs:
+            pair.weight.copy_(self.merged_weight(pair))
         self.lora_merged = True
 
     @torch.no_grad()
@@ -176,8 +231,9 @@ class LoRAParallelLinear(LoRAState):
         """W -= scaling * B @ A in place: the base weight back, up to the rounding of W's dtype."""
         if not self.lora_merged:
             raise RuntimeError(f"{type(self).__name__}: LoRA is not merged")
-        self.weight.copy_(merged_value(self.weight, *self.lora_weights(), self.lora_scaling,
-                                       sign=-1.0))
+        for pair in self.lora_pairs():
+            pair.weight.copy_(merged_value(pair.weight, pair.A, pair.B, self.lora_scaling,
+                                           sign=-1.0))
         self.lora_merged = False
 
     # ----- dist checkpointing -------------------------------------------------------------
@@ -192,8 +248,15 @@ class LoRAParallelLinear(LoRAState):
                                f"the weight; a checkpoint would reload with the delta applied "
                                f"twice: unmerge_lora_weights first")
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        state.update(adapter_sharded_state(self, prefix, sharded_offsets, metadata))
+        state.update(self.lora_sharded_state(prefix, sharded_offsets, metadata or {}))
         return state
+
+    def lora_sharded_state(self, prefix, sharded_offsets, metadata) -> dict:
+        """The adapter's sharded tensors (A and B with the family's split, `sharded_state.py`).
+        Inside a `SequentialMLP` expert the container adds the expert axis and the
+        expert-data-parallel replica id, as it does for the base weight; a grouped linear
+        overrides this with one entry per expert."""
+        return adapter_sharded_state(self, prefix, sharded_offsets, metadata)
 
     # ----- forward ----------------------------------------------------------------------
 
@@ -203,7 +266,10 @@ class LoRAParallelLinear(LoRAState):
         x is the adapter's input as this rank holds it: `[s, b, in]` for a column target
         (`[s/tp, b, in]` under SP), `[s, b, in/tp]` for a row target; output is this rank's
         base output, `[s, b, out/tp]` (column) or `[s, b, out]` (row; `[s/tp, b, out]` under
-        SP). `reduce` is the family's `[tokens, r]` collective (`comm.py`)."""
+        SP). `reduce` is the family's `[tokens, r]` collective (`comm.py`). An expert's
+        adapter has none (`expert.py`)."""
+        if self.lora_expert is not None:
+            return self._expert_lora_output(output, x)
         A, B = self.lora_weights()
         sharded = self.lora_family.input_split or self.lora_sequence_parallel
         h = self.lora_hidden(x, A, sharded)                                 # [..., r]
@@ -214,6 +280,17 @@ class LoRAParallelLinear(LoRAState):
         """`A dropout(x)`, this rank's `[..., r]` before the family's collective; `sharded`:
         whether x differs between TP ranks (which dropout stream to draw from)."""
         return F.linear(self._lora_dropout(x, sharded), A)
+
+    def _expert_lora_output(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The expert rule: x is this expert's tokens as the dispatcher hands them (the same on
+        every ETP rank); the whole matrix's grad is summed over the expert-TP group."""
+        A, B, group = self.lora_A.weight, self.lora_B.weight, self.lora_tp_group
+        if self.lora_family is COLUMN:
+            A = sum_grad_over(A, group)
+        else:
+            B = sum_grad_over(B, group)
+        h = F.linear(self._lora_dropout(x, sharded=False), A)              # [tokens, r]
+        return accumulate_lora_output(output, h, B, self.lora_scaling)
 
     def _lora_dropout(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         p = self.lora_config.dropout

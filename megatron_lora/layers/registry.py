@@ -3,10 +3,11 @@
     lora_linear_class(ColumnParallelLinear, config)  ->  LoRAColumnParallelLinear
 
 A base class is matched to the mixin of the first family base it subclasses: megatron-core's
-local parallel linears, and its Transformer Engine wrappers when megatron-core found TE at
-import. With `projections` (canonical LoRA on a fused linear: `lora_common.targets`) the
-per-projection mixin (`canonical.py`) goes in front of the family's. One class is made per
-(base, config, projections), so the spec route and the post-hoc route build the same classes.
+local parallel linears, and its Transformer Engine wrappers (grouped MoE linears included) when
+megatron-core found TE at import. With `projections` (canonical LoRA on a fused linear:
+`lora_common.targets`) the per-projection mixin (`canonical.py`) goes in front of the family's.
+One class is made per (base, config, projections), so the spec route and the post-hoc route
+build the same classes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def family_mixins() -> tuple[tuple[type, type], ...]:
         pairs += [(te_wrappers.TELayerNormColumnParallelLinear, LoRATELayerNormColumnParallelMixin),
                   (te_wrappers.TEColumnParallelLinear, LoRATEColumnParallelMixin),
                   (te_wrappers.TERowParallelLinear, LoRATERowParallelMixin)]
+        if getattr(te_wrappers, "TEColumnParallelGroupedLinear", None) is not None:
+            from megatron_lora.layers.grouped_linear import (
+                LoRATEColumnParallelGroupedMixin,
+                LoRATERowParallelGroupedMixin,
+            )
+
+            pairs += [(te_wrappers.TEColumnParallelGroupedLinear, LoRATEColumnParallelGroupedMixin),
+                      (te_wrappers.TERowParallelGroupedLinear, LoRATERowParallelGroupedMixin)]
         # Last: TEColumn/TERowParallelLinear subclass TELinear. A plain TELinear is MLA's
         # duplicated down projection.
         from megatron_lora.layers.te_linear import LoRATEDuplicatedMixin

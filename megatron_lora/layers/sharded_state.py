@@ -43,13 +43,13 @@ def adapter_sharded_state(module, prefix: str, sharded_offsets=(), metadata=None
         tp_group=module.lora_tp_group, dp_cp_group=dp_cp_group)
     for name, param in adapters.items():
         if getattr(param, "partition_stride", 1) == 2:
-            state[prefix + name] = _swiglu_factory_tolerating_absence(
+            state[prefix + name] = swiglu_factory_tolerating_absence(
                 state[prefix + name], sharded_offsets,
                 metadata.get("singleton_local_shards", False))
     return state
 
 
-def _swiglu_factory_tolerating_absence(sharded_tensor, sharded_offsets, singleton_local_shards):
+def swiglu_factory_tolerating_absence(sharded_tensor, sharded_offsets, singleton_local_shards):
     """Megatron's SwiGLU factory (same saved tensors, keys and offsets) whose load survives a
     checkpoint without the tensor.
 

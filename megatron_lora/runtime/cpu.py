@@ -1,6 +1,6 @@
 """Run megatron-core's forward and backward on CPU (gloo), for tests, the demo and benchmarks.
 
-megatron-core assumes CUDA in three places that a CPU run meets:
+megatron-core assumes CUDA in these places that a CPU run meets:
 
 - buffers and collective outputs are allocated with `device=torch.cuda.current_device()`
   (the global memory buffer, the sequence-parallel all-gather / reduce-scatter in
@@ -20,7 +20,13 @@ megatron-core assumes CUDA in three places that a CPU run meets:
 - megatron-core 0.16's multi-latent attention imports the TE wrappers, which import without TE
   (`te` is then a MagicMock), so it sets its own `HAVE_TE = True` and its
   `isinstance(linear_proj, TELinear)` fails on a MagicMock class (`TypeError: isinstance() arg
-  2 must be a type`); 0.19 reads the extension's `HAVE_TE` and needs nothing.
+  2 must be a type`); 0.19 reads the extension's `HAVE_TE` and needs nothing;
+- the MoE all-to-all token dispatcher copies its split sizes device-to-host on a side CUDA
+  stream (`torch.cuda.Stream()` at construction, `torch.cuda.stream(s)` and
+  `s.record_event().synchronize()` around the copy), and converts them to numpy only for CUDA
+  tensors (`moe_utils.maybe_move_tensor_to_cpu`), so on CPU c10d's `all_to_all_single` gets
+  tensors for its split sizes and raises `TypeError`. The CPU runtime gives it the synchronous
+  stream and numpy split sizes: the same integers, so the dispatch is unchanged.
 
 `enable()` redirects each of them to the CPU. Nothing happens at import, and nothing happens
 when CUDA is available, so calling it unconditionally from a script is safe.
@@ -58,7 +64,18 @@ class _SynchronousStream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self, *args, **kwargs) -> _DoneEvent:
+        return _DONE_EVENT
 
+
+class _DoneEvent:
+    """An event on the synchronous stream: always complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+_DONE_EVENT = _DoneEvent()
 _SYNCHRONOUS_STREAM = _SynchronousStream()
 
 
@@ -68,6 +85,34 @@ def _current_stream(*args, **kwargs) -> _SynchronousStream:
 
 def _synchronize(*args, **kwargs) -> None:
     pass
+
+
+def _stream_context(stream=None):
+    """`torch.cuda.stream(s)`: every stream is the synchronous one, so entering it does nothing."""
+    return contextlib.nullcontext()
+
+
+def _split_sizes_to_numpy(move_to_cpu):
+    """`maybe_move_tensor_to_cpu` that also turns CPU split sizes into numpy, as it does for
+    CUDA ones (the all-to-all takes sequences of ints, not tensors)."""
+
+    @functools.wraps(move_to_cpu)
+    def move(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move
+
+
+def _alltoall_dispatcher_on_cpu() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _SYNCHRONOUS_STREAM
+    torch.cuda.stream = _stream_context
+    # Imported by name into the dispatcher module, so it is replaced there.
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_numpy(
+        token_dispatcher.maybe_move_tensor_to_cpu)
 
 
 def _get_cpu_rng_state(*args, **kwargs) -> torch.Tensor:
@@ -165,6 +210,7 @@ def enable() -> None:
 
     if not te_extension.HAVE_TE:
         multi_latent_attention.HAVE_TE = False  # TE is absent, whatever its mock import said
+    _alltoall_dispatcher_on_cpu()
     _ENABLED = True
 
 

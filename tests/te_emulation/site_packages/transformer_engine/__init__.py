@@ -9,6 +9,9 @@ Emulated with TE's signatures and semantics (see each module's docstring for TE 
   (no wgrad), the parameter attributes megatron reads, `_extra_state`.
 - `pytorch.LayerNorm`, `pytorch.RMSNorm`, `pytorch.DotProductAttention` (sbhd/bshd, causal /
   padding / no mask, GQA, dropout under the RNG tracker).
+- `pytorch.GroupedLinear` (MoE experts): `weight{i}`/`bias{i}` per GEMM, the local shape of
+  parallel_mode with no communication inside, `forward(inp, m_splits)` with zero-size splits,
+  return_bias as a list, frozen weights (no wgrad), fuse_wgrad_accumulation, TE's attributes.
 - FP8: `common.recipe` (Format, DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling, ...),
   `pytorch.quantization` (FP8GlobalStateManager, autocast, fp8_autocast, quantized_model_init)
   and the deprecated `pytorch.fp8` alias megatron imports. Inside an enabled autocast the base
@@ -22,9 +25,10 @@ its micro-batches), attending within each sequence.
 Not emulated (constructing or calling them raises NotImplementedError, or the module is absent
 so megatron falls back to its own path): FP8 primary weights (quantized_model_init /
 --fp8-param-gather), delayed scaling's amax history, MXFP8/blockwise block scales, FP8
-attention, Userbuffers comm overlap, delay_wgrad_compute, parameters_split, GroupedLinear and
-the `ops` fuser API (TEFusedMLP, TE activation ops), TE checkpointing/CPU offload/CUDA graphs,
-fused RoPE, TE optimizers and cross entropy, context parallelism, sliding windows, the C++ extension `transformer_engine_torch`.
+attention, Userbuffers comm overlap, delay_wgrad_compute, parameters_split, the `ops` fuser API
+(TEFusedMLP, TE activation ops), TE checkpointing/CPU offload/CUDA graphs, fused RoPE, TE
+optimizers and cross entropy, context parallelism, sliding windows, the C++ extension
+`transformer_engine_torch`.
 """
 
 from importlib import metadata

@@ -1,0 +1,92 @@
+"""Rank-side cases for test_moe_peft.py: LoRA on a Megatron MoE GPT converted from a small
+random HF Qwen3-MoE (or Mixtral), exported to PEFT, and PEFT adapters imported back."""
+
+from __future__ import annotations
+
+import torch
+
+from support import hf_llama
+from support import hf_moe
+from support import moe_cases
+from lora_common import LoRAConfig
+
+
+def lora_gpt(hf, expert_layout: str, te: bool):
+    """The converted GPT with LoRA on every linear (experts included), non-zero B."""
+    from megatron_lora import lora_spec
+
+    config = LoRAConfig(r=4, alpha=8, expert_layout=expert_layout)
+    megatron_config = hf_moe.transformer_config(hf.config, grouped=te)
+    spec = lora_spec(hf_moe.block_spec(megatron_config, te), config)
+    model = hf_moe.gpt_from_hf(hf, spec, te=te)
+    moe_cases.set_nonzero_B(model, scale=0.3)
+    return model
+
+
+def export_cases(out_dir: str, cases):
+    """For each (name, HF model type, expert layout, TE grouped experts, expand shared): export
+    the LoRA model to `out_dir/<name>` and return our logits (and the merged model's)."""
+    from megatron_lora import export_peft_adapter, merge_lora_weights, save_lora_checkpoint
+
+    out = {}
+    for name, model_type, layout, te, expand in cases:
+        hf = hf_moe.build_hf_model(hf_moe.hf_config(model_type))
+        model = lora_gpt(hf, layout, te)
+        export_peft_adapter(model, f"{out_dir}/{name}", base_model_name_or_path="tiny-moe",
+                            architecture=hf.config.architectures[0], expand_shared=expand)
+        save_lora_checkpoint(model, f"{out_dir}/{name}.safetensors")
+        logits = hf_llama.gpt_logits(model, hf_llama.tokens())
+        merge_lora_weights(model)
+        out[name] = {"logits": logits, "merged": hf_llama.gpt_logits(model, hf_llama.tokens())}
+    return out
+
+
+def import_cases(imports: dict[str, tuple[str, str, bool]]):
+    """Import each PEFT adapter folder (name -> (folder, HF model type, TE grouped experts))
+    into the plain converted GPT: our logits and the config the import chose, or the error."""
+    from megatron_lora import import_peft_adapter
+    from megatron_lora.model import lora_modules
+
+    out = {}
+    for name, (adapter_dir, model_type, te) in imports.items():
+        hf = hf_moe.build_hf_model(hf_moe.hf_config(model_type))
+        model = hf_moe.gpt_from_hf(hf, te=te)
+        try:
+            config = import_peft_adapter(model, adapter_dir)
+        except ValueError as error:
+            out[name] = {"error": str(error), "untouched": not lora_modules(model)}
+            continue
+        out[name] = {"logits": hf_llama.gpt_logits(model, hf_llama.tokens()),
+                     "config": config.to_dict()}
+    return out
+
+
+def shared_experts_export(out_dir: str) -> str | None:
+    """Exporting adapters of MoE shared experts for Qwen3-MoE (which has none) is refused."""
+    from megatron_lora import export_peft_adapter
+
+    megatron_config = moe_cases.tiny_moe.transformer_config(moe_shared_expert_intermediate_size=48)
+    from megatron_lora import lora_spec
+
+    model = moe_cases.tiny_moe.build(
+        lora_spec(moe_cases.tiny_moe.block_spec(megatron_config), LoRAConfig(r=4)), megatron_config)
+    try:
+        export_peft_adapter(model, out_dir, architecture="Qwen3MoeForCausalLM")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def peft_logits(adapter_dir: str, model_type: str) -> tuple[torch.Tensor, list[str]]:
+    """Real PEFT on the HF model (in the test process: no Megatron): logits and warnings."""
+    import warnings
+
+    from peft import PeftModel
+
+    hf = hf_moe.build_hf_model(hf_moe.hf_config(model_type))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=hf_llama.tokens()).logits
+    return logits, [str(w.message) for w in caught]
