@@ -42,6 +42,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Freeze every non-LoRA parameter.")
     group.add_argument("--lora-rslora", action=on_off, default=_DEFAULT.use_rslora,
                        help="Rank-stabilized scaling alpha / sqrt(r).")
+    group.add_argument("--lora-canonical", action=on_off, default=_DEFAULT.canonical,
+                       help="One adapter per projection inside the fused linear_qkv (q, k, v) "
+                            "and linear_fc1 (gate, up), as PEFT adapts them; targets may then "
+                            "name linear_q linear_k linear_v linear_fc1_gate linear_fc1_up.")
     group.add_argument("--lora-init", choices=A_INITS, default=_DEFAULT.init,
                        help="Initialization of A (B always starts at zero).")
     group.add_argument("--lora-expert-layout", choices=EXPERT_LAYOUTS,

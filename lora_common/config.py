@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lora_common import targets as target_names
+
 # The linears LoRA adapts when the user names none. Megatron fuses q/k/v into `linear_qkv`
 # and gate/up into `linear_fc1`; HuggingFace Llama-family models keep them separate. Module-name
 # lists are sets: kept sorted, as PEFT writes them.
@@ -27,7 +29,7 @@ A_INITS = ("kaiming", "gaussian")
 EXPERT_LAYOUTS = ("per_expert", "shared_outer")
 # Fields added after adapter headers first carried a config: an old header without them means
 # the default (the adapters were made before the field existed).
-ADDED_FIELDS = ("expert_layout",)
+ADDED_FIELDS = ("expert_layout", "canonical")
 
 
 def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
@@ -57,6 +59,12 @@ class LoRAConfig:
     suffix of a module's path (`linear_fc1` selects every fc1, dense, shared expert and routed
     expert alike; `experts.linear_fc1` only the routed experts'). `expert_layout` is one of
     `EXPERT_LAYOUTS`.
+
+    `canonical` (Megatron): one adapter per projection inside the fused `linear_qkv` (q, k, v)
+    and `linear_fc1` (gate, up), PEFT's model, instead of one adapter whose A the projections
+    share; targets may then name projections (`linear_q`, `linear_fc1_up`, see
+    `lora_common.targets`). `fsdp_lora` adapts HF's separate projections, per projection
+    whatever this field says.
     """
 
     r: int = 16
@@ -69,12 +77,16 @@ class LoRAConfig:
     only_trainable: bool = True
     seed: int = 0
     expert_layout: str = "per_expert"
+    canonical: bool = False
 
     def __post_init__(self) -> None:
         # frozen: normalize through object.__setattr__ before validating.
         object.__setattr__(self, "target_modules", _names(self.target_modules, "target_modules"))
         object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules") or ())
         self._validate()
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", target_names.normalize_targets(
+                self.target_modules, self.canonical))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
 
@@ -99,9 +111,10 @@ class LoRAConfig:
                              f"{self.expert_layout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LoRAConfig.seed must be an int, got {self.seed!r}")
-        for flag in ("use_rslora", "only_trainable"):
+        for flag in ("use_rslora", "only_trainable", "canonical"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRAConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        target_names.check_targets(self.target_modules or (), self.canonical)
 
     @property
     def scaling(self) -> float:
@@ -113,6 +126,14 @@ class LoRAConfig:
         if self.target_modules is not None:
             return self
         return dataclasses.replace(self, target_modules=default)
+
+    def module_targets(self) -> dict[str, tuple[str, ...]]:
+        """`{module name: projections}` of the resolved targets: the linears that get LoRA and,
+        in canonical mode, the projections of a fused one that get an adapter each (`()`: one
+        adapter for the module). See `lora_common.targets`."""
+        if self.target_modules is None:
+            raise ValueError("LoRAConfig.module_targets: resolve_targets first")
+        return target_names.module_targets(self.target_modules, self.canonical)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; `from_dict` inverts it."""
@@ -170,4 +191,5 @@ class LoRAConfig:
             only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
             seed=seed,
             expert_layout=getattr(args, "lora_expert_layout", default.expert_layout),
+            canonical=getattr(args, "lora_canonical", default.canonical),
         )

@@ -30,7 +30,7 @@ from megatron_lora.layers import sharding
 from megatron_lora.model import lora_modules, lora_tensors, model_config
 
 # Fields of LoRAConfig that change what an adapter computes; a checkpoint must agree on them.
-FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "expert_layout")
+FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "expert_layout", "canonical")
 
 
 def _world() -> tuple[int, int]:

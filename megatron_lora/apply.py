@@ -15,8 +15,16 @@ from megatron.core.distributed import DistributedDataParallel
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
+from lora_common.targets import target_of_module
 from megatron_lora import moe
-from megatron_lora.layers.placement import check_exclusions, place_adapter, place_lora
+from megatron_lora.layers.canonical import projection_layout
+from megatron_lora.layers.placement import (
+    add_lora_in_place,
+    check_exclusions,
+    place_adapter,
+    place_lora,
+    selected_projections,
+)
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
 from megatron_lora.targets import selectable_names, selecting
@@ -32,7 +40,8 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
         MEGATRON_TARGET_MODULES)
     chunks = model_chunks(model)
     _check_not_wrapped(chunks)
-    targets = set(config.target_modules)
+    modules = config.module_targets()
+    targets = set(modules)
     # Validate everything before touching anything.
     found, linears, to_convert = set(), set(), []
     check_model_supports(chunks, config)
@@ -47,11 +56,14 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
             if not supports_lora(type(module)):
                 raise ValueError(f"LoRA target {name!r} is a {type(module).__name__}, "
                                  f"not a Megatron parallel linear LoRA supports")
-            if is_lora_linear(module):
-                lora_linear_class(type(module), config)  # raises if its config differs
-            else:
-                to_convert.append(module)
-    missing = sorted(targets - found)
+            # Raises for a LoRA module of another config, and for a class it cannot make.
+            projections = selected_projections(config, name)
+            lora_linear_class(type(module), config, projections)
+            if not is_lora_linear(module):
+                if projections:
+                    projection_layout(module, projections)  # canonical: refuses a geometry
+                to_convert.append((name, module))
+    missing = sorted(target_of_module(m, config.target_modules) for m in targets - found)
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no module of the model; "
                          f"its parallel linears are {sorted(linears)}"
@@ -61,9 +73,8 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
 
     if not to_convert:
         return model  # already carries this LoRA
-    for module in to_convert:
-        module.__class__ = lora_linear_class(type(module), config)
-        module.add_lora()
+    for name, module in to_convert:
+        add_lora_in_place(module, config, name)
     for chunk in chunks:
         layers = transformer_layers(chunk)
         for layer in layers.values():

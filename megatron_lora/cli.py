@@ -15,15 +15,17 @@ from pathlib import Path
 def _export_peft(args: argparse.Namespace) -> int:
     from megatron_lora.interop import hf_mapping
     from megatron_lora.interop.adapter_file import read_lora_checkpoint
-    from megatron_lora.interop.peft_export import export_checkpoint
+    from megatron_lora.interop.peft_export import architecture_warnings, export_checkpoint
 
-    hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
+    arch = hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")
-    export_checkpoint(read_lora_checkpoint(args.checkpoint), out,
-                      base_model_name_or_path=args.base_model, architecture=args.architecture,
-                      expand_shared=args.expand_shared_experts)
+    checkpoint = read_lora_checkpoint(args.checkpoint)
+    for note in architecture_warnings(arch, checkpoint.config.target_modules):
+        print(f"megatron-lora export-peft: warning: {note}", file=sys.stderr)
+    export_checkpoint(checkpoint, out, base_model_name_or_path=args.base_model,
+                      architecture=args.architecture, expand_shared=args.expand_shared_experts)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
     export.add_argument("--architecture", default="LlamaForCausalLM",
                         help="HF architecture of the base model (Llama family, "
-                             "Qwen3MoeForCausalLM, MixtralForCausalLM)")
+                             "Qwen3MoeForCausalLM, MixtralForCausalLM, DeepseekV3ForCausalLM)")
     export.add_argument("--expand-shared-experts", action=argparse.BooleanOptionalAction,
                         default=False,
                         help="write shared-outer expert factors into every expert (the "

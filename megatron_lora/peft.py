@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,8 +23,13 @@ from megatron_lora.interop import hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
 from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
-from megatron_lora.interop.peft_export import export_checkpoint, warn_serving_rank
+from megatron_lora.interop.peft_export import (
+    architecture_warnings,
+    export_checkpoint,
+    warn_serving_rank,
+)
 from megatron_lora.interop.peft_import import fuse_peft_adapter
+from megatron_lora.interop.peft_import_canonical import peft_adapter_per_projection
 from megatron_lora.model import lora_modules, model_config
 from megatron_lora.peft_tensors import gather_peft_adapter
 
@@ -34,12 +40,15 @@ def export_peft_adapter(source, out_dir: str | Path, *,
                         task_type: str = "CAUSAL_LM", expand_shared: bool = False) -> None:
     """Export a live Megatron LoRA model (call on every rank; rank 0 writes) or an adapter
     checkpoint file (offline) as a PEFT adapter folder. `architecture` names the HF model the
-    adapter is for: the Llama family (Llama, Mistral, Qwen2, Qwen3) and the MoE Qwen3-MoE and
-    Mixtral. Experts' shared-outer factors go once in SGLang's form, or into every expert with
+    adapter is for: the Llama family (Llama, Mistral, Qwen2, Qwen3), the MoE Qwen3-MoE and
+    Mixtral, and DeepseekV3ForCausalLM (multi-latent attention: each MLA linear maps 1:1).
+    Experts' shared-outer factors go once in SGLang's form, or into every expert with
     `expand_shared` (vLLM, PEFT)."""
     arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
     if isinstance(source, (str, Path)):
-        export_checkpoint(read_lora_checkpoint(source), out_dir,
+        checkpoint = read_lora_checkpoint(source)
+        _warn_architecture(arch, checkpoint.config)
+        export_checkpoint(checkpoint, out_dir,
                           base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                           architecture=arch.name, expand_shared=expand_shared)
         return
@@ -52,10 +61,16 @@ def export_peft_adapter(source, out_dir: str | Path, *,
                                   task_type=task_type, architecture=arch.name,
                                   expand_shared=expand_shared)
     if adapter is not None:
+        _warn_architecture(arch, next(iter(lora_modules(source).values())).lora_config)
         warn_serving_rank(adapter.config["r"], stacklevel=3)
         write_peft_adapter(out_dir, adapter.config, adapter.modules, adapter.shared)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _warn_architecture(arch, config: LoRAConfig) -> None:
+    for note in architecture_warnings(arch, config.target_modules):
+        warnings.warn(f"export_peft_adapter: {note}", stacklevel=4)
 
 
 def _megatron_targets(tensors, moe: bool) -> list[str]:
@@ -86,24 +101,43 @@ def _geometry(model) -> Geometry:
         raise ValueError(f"import_peft_adapter: {error}") from None
 
 
-def import_peft_adapter(model, adapter_dir: str | Path) -> LoRAConfig:
+def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None = None
+                        ) -> LoRAConfig:
     """Load a PEFT LoRA adapter (made for the HF twin of this model) into a Megatron model at
     any TP/PP size, exactly, and return the LoRA config it now carries. The model may carry no
     LoRA yet, or LoRA of another rank (it is rebuilt). Call on every rank. Bad input (unknown
     keys, shapes or layers that do not fit the model) raises `ValueError` naming the key,
-    before the model is touched."""
+    before the model is touched.
+
+    `canonical=True`: each PEFT module's adapter becomes its projection's own adapter, at
+    PEFT's rank (`interop/peft_import_canonical.py`): PEFT's model, also once it trains.
+    `canonical=False`: q/k/v (gate/up) fuse into one adapter of the stacked rank with a
+    block-structured B (`interop/peft_import.py`): PEFT's function, not its training. None:
+    the mode of the LoRA the model carries, else `LoRAConfig`'s default (fused)."""
     source = str(adapter_dir)
     existing = lora_modules(model)
     if existing:  # the adapters may be rebuilt below: refuse a merged model before that
         require_state(existing, "import_peft_adapter", merged=False, model=model)
-    adapter = read_peft_adapter(adapter_dir)
-    geometry = _geometry(model)
-    tensors, rank, alpha, layout = fuse_peft_adapter(adapter, geometry, source)
     existing = list(existing.values())
     previous = existing[0].lora_config if existing else LoRAConfig()
+    canonical = previous.canonical if canonical is None else canonical
+    adapter = read_peft_adapter(adapter_dir)
+    geometry = _geometry(model)
+    mla = getattr(model_config(model), "multi_latent_attention", False)
+    attention = "mla" if mla else "standard"
+    if canonical:
+        if adapter.shared or geometry.num_moe_experts:
+            raise ValueError(f"import_peft_adapter({source}, canonical=True): canonical LoRA "
+                             f"covers dense models; import an MoE adapter with canonical=False")
+        tensors, target_modules = peft_adapter_per_projection(adapter, geometry, source, attention)
+        rank, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+        layout = previous.expert_layout
+    else:
+        tensors, rank, alpha, layout = fuse_peft_adapter(adapter, geometry, source, attention)
+        target_modules = _megatron_targets(tensors, moe=bool(geometry.num_moe_experts))
     config = LoRAConfig(
         r=rank, alpha=alpha, dropout=float(adapter.config.get("lora_dropout") or 0.0),
-        target_modules=_megatron_targets(tensors, moe=bool(geometry.num_moe_experts)),
+        target_modules=target_modules, canonical=canonical,
         use_rslora=bool(adapter.config.get("use_rslora", False)),
         init="gaussian" if adapter.config.get("init_lora_weights") == "gaussian" else "kaiming",
         only_trainable=previous.only_trainable, seed=previous.seed, expert_layout=layout)

@@ -11,6 +11,12 @@ inside all three, so specs from other packages (slime's, MoE block specs) work t
 selects a submodule by its path in the layer (`targets.py`: `linear_fc1`, `experts.linear_fc1`,
 `shared_experts.linear_fc2`); MoE expert classes LoRA cannot adapt are refused here, before
 anything is built (`moe.py`).
+
+Inside a module that picks how to build a submodule by testing its class for identity
+(`class_testing_modules()`: multi-latent attention), a LoRA subclass would be refused or replaced
+by the base class, so the walk leaves those targets as they are; the LoRA layer converts them in
+place once it is built (`layers/placement.py`), and the model is the same as if they had been
+swapped.
 """
 
 from __future__ import annotations
@@ -23,10 +29,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
+from lora_common.targets import target_of_module
 from megatron_lora import moe
-from megatron_lora.layers.placement import check_exclusions, lora_layer_class
+from megatron_lora.layers.placement import check_exclusions, lora_layer_class, selected_projections
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
 from megatron_lora.targets import selectable_names, selecting
+
+
+def class_testing_modules() -> tuple[type, ...]:
+    """Modules whose constructor tests a submodule's class for identity (`cls in [TELinear]`
+    in MLA's down projections, `is` in megatron-core 0.19's MLA q/k-norm resolver)."""
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    return (MultiLatentAttention,)
 
 
 def lora_spec(spec: Any, config: LoRAConfig) -> Any:
@@ -46,7 +61,8 @@ def lora_spec(spec: Any, config: LoRAConfig) -> Any:
     else:
         raise TypeError(f"lora_spec takes a ModuleSpec or TransformerBlockSubmodules, "
                         f"got {type(spec).__name__}")
-    missing = [t for t in config.target_modules if t not in walk.found]
+    missing = [target_of_module(m, config.target_modules) for m in config.module_targets()
+               if m not in walk.found]
     if missing:
         raise ValueError(f"LoRA target module(s) {missing} match no submodule of the spec; "
                          f"its linear submodules are {sorted(walk.linears)}"
@@ -59,8 +75,10 @@ class _SpecWalk:
 
     def __init__(self, config: LoRAConfig):
         self.config = config
+        self.modules = config.module_targets()
         self.found: set[str] = set()
         self.linears: set[str] = set()  # every field holding a parallel linear, for errors
+        self.deferring = False  # inside a class-testing module: targets are converted later
 
     def layer(self, spec):
         """A layer spec: its submodules transformed, its own class made a LoRA layer."""
@@ -71,7 +89,13 @@ class _SpecWalk:
 
     def node(self, node, path: str):
         if isinstance(node, ModuleSpec):
-            return dataclasses.replace(node, submodules=self.node(node.submodules, path))
+            tests_classes = isinstance(node.module, type) and issubclass(
+                node.module, class_testing_modules())
+            outer, self.deferring = self.deferring, self.deferring or tests_classes
+            try:
+                return dataclasses.replace(node, submodules=self.node(node.submodules, path))
+            finally:
+                self.deferring = outer
         if isinstance(node, functools.partial):
             keywords = {k: self.node(v, path) for k, v in node.keywords.items()}
             return functools.partial(node.func, *node.args, **keywords)
@@ -92,7 +116,7 @@ class _SpecWalk:
             moe.check_experts_class(where, cls, self.config)
             if supports_lora(cls):
                 self.linears |= selectable_names(where)
-            selected = selecting(self.config.target_modules, where)
+            selected = selecting(self.modules, where)
             if selected:
                 changes[field.name] = self.target(value, where)
                 self.found |= selected
@@ -102,12 +126,15 @@ class _SpecWalk:
 
     def target(self, value, where: str):
         """The LoRA version of a target submodule: a class, a ModuleSpec of a class, or a
-        partial of a class."""
+        partial of a class (left as it is inside a class-testing module)."""
         cls = _module_class(value)
         if cls is None or not supports_lora(cls):
             raise ValueError(f"LoRA target {where!r} is {getattr(cls, '__name__', cls)!r}, "
                              f"not a Megatron parallel linear LoRA supports")
-        lora_cls = lora_linear_class(cls, self.config)
+        if self.deferring:
+            return value
+        lora_cls = lora_linear_class(cls, self.config,
+                                     selected_projections(self.config, where) or ())
         if isinstance(value, ModuleSpec):
             return dataclasses.replace(value, module=lora_cls)
         if isinstance(value, functools.partial):

@@ -67,15 +67,16 @@ def test_every_flag_reaches_the_config():
                  "--lora-target-modules", "linear_qkv", "linear_fc1",
                  "--lora-exclude-modules", "linear_fc2", "--no-lora-only-trainable",
                  "--lora-rslora", "--lora-init", "gaussian", "--lora-seed", "3",
-                 "--lora-base-spec", "my.module", "my_spec")
+                 "--lora-canonical", "--lora-base-spec", "my.module", "my_spec")
     assert args.use_lora and args.lora_base_spec == ["my.module", "my_spec"]
     assert LoRAConfig.from_args(args) == LoRAConfig(
         r=4, alpha=8.0, dropout=0.05, target_modules=("linear_qkv", "linear_fc1"),
         exclude_modules=("linear_fc2",), only_trainable=False, use_rslora=True,
-        init="gaussian", seed=3)
+        init="gaussian", seed=3, canonical=True)
 
 
 def test_no_forms_turn_booleans_off_and_on():
+    assert parse("--lora-canonical", "--no-lora-canonical").lora_canonical is False
     assert parse("--no-lora-only-trainable").lora_only_trainable is False
     assert parse("--no-lora-only-trainable", "--lora-only-trainable").lora_only_trainable is True
     assert parse("--use-lora", "--no-use-lora").use_lora is False

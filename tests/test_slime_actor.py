@@ -32,8 +32,15 @@ def _why_not() -> str | None:
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
 LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False},
-           "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True}}
-ADAPTER_COUNT = 2 * 4 * 2  # layers x (qkv, proj, fc1, fc2) x (A, B)
+           "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True},
+           # --lora-canonical: per-projection adapters through every stage slime runs
+           "tp2_sp_fp32_canonical": {"tp": 2, "pp": 1, "bf16": False, "canonical": True}}
+
+
+def adapter_count(layout) -> int:
+    """layers x adapted modules x (A, B): qkv, proj, fc1, fc2; canonical: q, k, v, proj, gate,
+    up, fc2."""
+    return 2 * (7 if layout.get("canonical") else 4) * 2
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +105,7 @@ def test_init_builds_the_lora_model_with_only_adapters_trainable(run):
         init = rank["init"]
         assert init["trainable"] == init["lora_names"]
         # every adapter of this rank's layers (all layers, or one stage's under PP)
-        assert len(init["lora_names"]) == ADAPTER_COUNT // layout["pp"]
+        assert len(init["lora_names"]) == adapter_count(layout) // layout["pp"]
         assert init["base_equal"], "the LoRA model's base is not the checkpoint's"
         assert init["B_zero"] and init["A_nonzero"]
         # the reference policy is the actor's frozen base: no second copy was loaded
@@ -292,11 +299,12 @@ def test_save_model_writes_the_adapter_file(run):
 
     assert run["ranks"][0]["saved"]["adapter_file"]
     checkpoint = read_lora_checkpoint(_work(run) / "run" / "iter_0000001" / "adapter.safetensors")
-    assert len(checkpoint.tensors) == ADAPTER_COUNT
+    assert len(checkpoint.tensors) == adapter_count(run["layout"])
+    assert checkpoint.config.canonical is bool(run["layout"].get("canonical"))
     assert (checkpoint.config.r, checkpoint.config.alpha) == (4, 8)
     # every adapter of every stage, each rank's share of them as trained
     assert sum(len(rank["trained_lora"]) for rank in run["ranks"]) == (
-        ADAPTER_COUNT * run["layout"]["tp"])
+        adapter_count(run["layout"]) * run["layout"]["tp"])
 
 
 def _work(run):

@@ -63,3 +63,31 @@ def test_lora_matmuls_run_in_the_activation_dtype_inside_fp8_autocast():
     assert out["fp8_gemms"] > 0          # the base GEMMs did go through FP8
     assert out["lora_matmuls"] >= 4 * 2  # forward and backward of the adapters ran
     assert out["lora_dtypes"] == ["torch.bfloat16"]
+
+
+CANONICAL_LAYOUTS = [(2, True), (1, False)]
+
+
+@pytest.fixture(scope="module")
+def canonical():
+    return run_on_ranks(te_lora_cases.te_canonical_vs_local, world_size=2,
+                        args=(CANONICAL_LAYOUTS,), setup=te_emulation.enable)
+
+
+@pytest.mark.parametrize("layout", CANONICAL_LAYOUTS)
+def test_canonical_lora_on_te_equals_canonical_lora_on_local_layers(canonical, layout):
+    reference = canonical[0][(1, False)]
+    for rank in canonical:
+        got = rank[layout]
+        assert got["classes"] == ["CanonicalLoRATELayerNormColumnParallelLinear",
+                                  "LoRATERowParallelLinear"]
+        assert_same(*got["b0_logits"], "canonical TE LoRA with B = 0 vs the TE base model")
+        te_loss, local_loss = got["losses"]
+        assert te_loss == pytest.approx(local_loss, rel=1e-6)
+        assert te_loss == pytest.approx(reference["losses"][1], rel=1e-5)
+        te_grads, local_grads = got["grads"]
+        assert te_grads.keys() == local_grads.keys() and len(te_grads) == 2 * 2 * 7
+        for name, grad in local_grads.items():
+            torch.testing.assert_close(te_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(grad, reference["grads"][1][name], rtol=1e-4, atol=1e-6)
+        assert got["merged_error"] < 1e-5

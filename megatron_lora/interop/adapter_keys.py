@@ -1,6 +1,8 @@
 """The names of adapter tensors in an adapter checkpoint, parsed (no model, no Megatron).
 
     decoder.layers.{l}.self_attention.linear_qkv.lora_A.weight      attention
+    decoder.layers.{l}.self_attention.linear_q_down_proj.lora_A.weight   MLA attention
+    decoder.layers.{l}.self_attention.linear_qkv.lora_q.lora_A.weight    canonical: projection q
     decoder.layers.{l}.mlp.linear_fc1.lora_A.weight                  dense MLP
     decoder.layers.{l}.mlp.shared_experts.linear_fc1.lora_A.weight   MoE shared experts
     decoder.layers.{l}.mlp.experts.linear_fc1.lora_A.weight{e}       routed expert e (global)
@@ -16,11 +18,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lora_common.targets import MLA_TARGET_MODULES, PROJECTIONS
+
 ATTENTION, DENSE, EXPERTS, SHARED_EXPERTS = "attention", "dense", "experts", "shared_experts"
 _PREFIX = r"^(?:module\.)*decoder\.layers\.(?P<layer>\d+)\."
+_ATTENTION_TARGETS = ("linear_qkv", "linear_proj", *MLA_TARGET_MODULES)
 _KEY = re.compile(
-    _PREFIX + r"(?:self_attention\.(?P<attn>linear_qkv|linear_proj)|"
+    _PREFIX + r"(?:self_attention\.(?P<attn>" + "|".join(_ATTENTION_TARGETS) + r")|"
     r"mlp\.(?:(?P<moe>experts|shared_experts)\.)?(?P<mlp>linear_fc1|linear_fc2))"
+    r"(?:\.lora_(?P<projection>q|k|v|gate|up))?"
     r"\.lora_(?P<matrix>[AB])\.weight(?P<expert>\d*)$")
 
 
@@ -28,13 +34,14 @@ _KEY = re.compile(
 class AdapterKey:
     """One adapter tensor's place: layer, where in it (`kind`), target, A or B, and for routed
     experts the global expert index (None: the module's one adapter, or shared by the
-    experts)."""
+    experts); for canonical LoRA the projection inside the fused target (`q`, `gate`, ...)."""
 
     layer: int
     kind: str     # ATTENTION, DENSE, EXPERTS or SHARED_EXPERTS
     target: str   # linear_qkv, linear_proj, linear_fc1, linear_fc2
     matrix: str   # "A" or "B"
     expert: int | None = None
+    projection: str | None = None
 
     @property
     def module(self) -> str:
@@ -46,7 +53,8 @@ class AdapterKey:
     @property
     def name(self) -> str:
         suffix = "" if self.expert is None else str(self.expert)
-        return f"{self.module}.lora_{self.matrix}.weight{suffix}"
+        inside = "" if self.projection is None else f".lora_{self.projection}"
+        return f"{self.module}{inside}.lora_{self.matrix}.weight{suffix}"
 
 
 def parse_adapter_key(key: str) -> AdapterKey:
@@ -63,4 +71,10 @@ def parse_adapter_key(key: str) -> AdapterKey:
     if match["expert"] and kind != EXPERTS:
         raise ValueError(f"{key!r}: only routed experts number their adapters")
     expert = int(match["expert"]) if match["expert"] else None
-    return AdapterKey(int(match["layer"]), kind, target, match["matrix"], expert)
+    projection = match["projection"]
+    if projection is not None and (kind not in (ATTENTION, DENSE)
+                                   or projection not in PROJECTIONS.get(target, {}).values()):
+        raise ValueError(f"{key!r}: {target} of the {kind} has no projection {projection!r} "
+                         f"(canonical adapters: linear_qkv's q, k, v; a dense linear_fc1's "
+                         f"gate, up)")
+    return AdapterKey(int(match["layer"]), kind, target, match["matrix"], expert, projection)

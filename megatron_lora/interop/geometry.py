@@ -94,15 +94,19 @@ class Geometry:
         """From an HF config of a known architecture (all of them use SwiGLU)."""
         from megatron_lora.interop.hf_mapping import architecture
 
-        moe = architecture(config).moe
+        arch = architecture(config)
+        mla, moe = arch.attention == "mla", arch.moe
         heads = config.num_attention_heads
         experts = getattr(config, moe.num_experts_field) if moe else None
+        # HF's own rule: an absent or None head_dim means hidden_size / heads. MLA's head
+        # widths are its own fields (DeepSeek-V3's `head_dim` is the rope width); Megatron's
+        # MLA config keeps kv_channels at its default, hidden_size / heads.
+        head_dim = None if mla else getattr(config, "head_dim", None)
         return cls(
             num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
             num_attention_heads=heads,
             num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
-            # HF's own rule: an absent or None head_dim means hidden_size / heads.
-            kv_channels=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            kv_channels=head_dim or config.hidden_size // heads,
             ffn_hidden_size=config.intermediate_size, gated_linear_unit=True,
             num_moe_experts=experts,
             moe_ffn_hidden_size=getattr(config, moe.ffn_field) if moe else None,

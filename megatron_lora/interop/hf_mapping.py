@@ -13,6 +13,12 @@ Three things differ between the two worlds:
   `[q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...]` (this is what lets a
   column-parallel split hand every rank whole groups); the full `linear_fc1` is `[gate; up]`.
 - per-architecture extras: Qwen2 has q/k/v biases, Qwen3 normalizes each head's q and k.
+- multi-latent attention (DeepSeek-V3; `attention="mla"`): one HF module per Megatron linear,
+  nothing fused (`q_a_proj` <-> `linear_q_down_proj`, ...). HF's `q_proj` is then MLA's
+  uncompressed q (`linear_q_proj`), not a third of `linear_qkv`, so reading HF names needs the
+  attention kind; Megatron names are unambiguous.
+- canonical LoRA (`lora_common.targets`): a projection's adapter inside a fused Megatron module
+  (`linear_qkv.lora_q`) is its HF module's adapter (`q_proj`) as it is, nothing to split.
 
 All layout functions act on full (unsharded) tensors along dim 0, so the same call handles a
 weight `[out, in]`, a bias `[out]` and a LoRA B `[out, r]`.
@@ -27,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lora_common.targets import PROJECTION_TARGETS, PROJECTIONS
 from megatron_lora.interop.geometry import Geometry
 
 
@@ -55,6 +62,7 @@ class Architecture:
     model_type: str  # HF `config.model_type`
     qkv_bias: bool   # q/k/v projections have biases (o_proj and the MLP do not)
     qk_norm: bool    # RMSNorm over each head's q and k, before RoPE
+    attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
     moe: ExpertNames | None = None  # routed experts (MoE architectures), no shared experts
 
 
@@ -73,6 +81,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                      moe=QWEN3_MOE_EXPERTS),
         Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
                      moe=MIXTRAL_EXPERTS),
+        # Dense layers; routed experts are not mapped (their HF and Megatron names differ).
+        Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
+                     attention="mla"),
     )
 }
 
@@ -162,10 +173,25 @@ _TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear_fc1": ("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj")),
     "linear_fc2": ("mlp.linear_fc2", ("mlp.down_proj",)),
 }
-TARGETS = tuple(_TARGETS)  # the Megatron targets that have HF counterparts
-# HF leaf -> the Megatron target that holds it.
-_HF_LEAF_TARGET = {path.rsplit(".", 1)[1]: target
-                   for target, (_, paths) in _TARGETS.items() for path in paths}
+# Multi-latent attention (megatron-core's MLASelfAttention, HF DeepseekV3Attention): 1:1. Its
+# linear_proj and MLP are the table above's.
+_MLA_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear_q_proj": ("self_attention.linear_q_proj", ("self_attn.q_proj",)),
+    "linear_q_down_proj": ("self_attention.linear_q_down_proj", ("self_attn.q_a_proj",)),
+    "linear_q_up_proj": ("self_attention.linear_q_up_proj", ("self_attn.q_b_proj",)),
+    "linear_kv_down_proj": ("self_attention.linear_kv_down_proj",
+                            ("self_attn.kv_a_proj_with_mqa",)),
+    "linear_kv_up_proj": ("self_attention.linear_kv_up_proj", ("self_attn.kv_b_proj",)),
+}
+_STANDARD_ATTENTION = ("linear_qkv",)
+TARGETS = tuple(_TARGETS)  # the Megatron targets of Llama-family models that have HF counterparts
+MLA_TARGETS = tuple(_MLA_TARGETS)
+_TARGETS = {**_TARGETS, **_MLA_TARGETS}  # Megatron names are unique across attention kinds
+# attention kind -> HF leaf -> the Megatron target that holds it.
+_HF_LEAF_TARGET = {
+    kind: {path.rsplit(".", 1)[1]: target for target, (_, paths) in _TARGETS.items()
+           for path in paths if target not in excluded}
+    for kind, excluded in (("standard", MLA_TARGETS), ("mla", _STANDARD_ATTENTION))}
 
 # Wrappers put these in front of Megatron names (DDP, Float16Module) and of HF names
 # (PEFT's `base_model.model.`).
@@ -176,7 +202,8 @@ _MEGATRON_MODULE = re.compile(
     + "|".join(re.escape(path) for path, _ in _TARGETS.values()) + r")$")
 _HF_MODULE = re.compile(
     _HF_PREFIX + r"model\.layers\.(\d+)\.("
-    + "|".join(re.escape(p) for _, paths in _TARGETS.values() for p in paths) + r")$")
+    + "|".join(sorted({re.escape(p) for _, paths in _TARGETS.values() for p in paths}))
+    + r")$")
 
 
 def _check_target(target: str) -> None:
@@ -197,9 +224,34 @@ def megatron_module_name(layer: int, target: str) -> str:
 
 
 def hf_module_names(layer: int, target: str) -> tuple[str, ...]:
-    """The HF modules (as named inside `*ForCausalLM`) one Megatron target becomes."""
+    """The HF modules (as named inside `*ForCausalLM`) one Megatron target becomes; a canonical
+    projection target (`linear_q`) becomes its own HF module."""
+    if target in PROJECTION_TARGETS:
+        return (hf_projection_module(layer, *PROJECTION_TARGETS[target]),)
     _check_target(target)
     return tuple(f"model.layers.{layer}.{path}" for path in _TARGETS[target][1])
+
+
+def hf_projection_module(layer: int, target: str, projection: str) -> str:
+    """The HF module of one projection of a fused Megatron module:
+    (0, linear_qkv, q) -> model.layers.0.self_attn.q_proj."""
+    leaf = hf_projection_leaf(target, projection)
+    return next(name for name in hf_module_names(layer, target) if name.endswith("." + leaf))
+
+
+_PROJECTION_ADAPTER = re.compile(r"^(?P<module>.+)\.lora_(?P<projection>[a-z]+)$")
+
+
+def parse_megatron_adapter(name: str) -> tuple[int, str, str | None]:
+    """(layer, target, projection) of the module that holds a Megatron adapter: the target
+    module itself (projection None), or a canonical projection inside it
+    (`decoder.layers.0.self_attention.linear_qkv.lora_q` -> (0, linear_qkv, q))."""
+    match = _PROJECTION_ADAPTER.match(name)
+    if match is None:
+        return (*parse_megatron_module(name), None)
+    layer, target = parse_megatron_module(match["module"])
+    hf_projection_leaf(target, match["projection"])  # refuses a projection the target lacks
+    return layer, target, match["projection"]
 
 
 def parse_megatron_module(name: str) -> tuple[int, str]:
@@ -222,18 +274,44 @@ def parse_hf_module(name: str) -> tuple[int, str]:
 
 
 def hf_target_modules(targets: Iterable[str]) -> list[str]:
-    """adapter_config `target_modules` (HF leaf names) for Megatron targets, in HF order."""
-    wanted = set(targets)
-    for target in wanted:
-        _check_target(target)
-    return [leaf for target in _TARGETS if target in wanted for leaf in hf_leaves(target)]
+    """adapter_config `target_modules` (HF leaf names) for Megatron targets, in HF order. A
+    canonical projection target (`linear_q`) is its own HF module (`q_proj`)."""
+    leaves = set()
+    for target in targets:
+        if target in PROJECTION_TARGETS:
+            leaves.add(hf_projection_leaf(*PROJECTION_TARGETS[target]))
+        else:
+            leaves.update(hf_leaves(target))
+    ordered = [leaf for target in _TARGETS for leaf in hf_leaves(target) if leaf in leaves]
+    return list(dict.fromkeys(ordered))  # MLA's q_proj is also the standard one
 
 
-def megatron_target(hf_leaf: str) -> str:
-    """The Megatron target an HF leaf belongs to: q_proj -> linear_qkv."""
-    if hf_leaf not in _HF_LEAF_TARGET:
-        raise ValueError(f"unknown HF LoRA target {hf_leaf!r}; known: {', '.join(_HF_LEAF_TARGET)}")
-    return _HF_LEAF_TARGET[hf_leaf]
+def megatron_target(hf_leaf: str, attention: str = "standard") -> str:
+    """The Megatron target an HF leaf belongs to: q_proj -> linear_qkv (standard attention),
+    -> linear_q_proj (MLA)."""
+    table = _HF_LEAF_TARGET[attention]
+    if hf_leaf not in table:
+        raise ValueError(f"unknown HF LoRA target {hf_leaf!r} for {attention} attention; known: "
+                         f"{', '.join(table)}")
+    return table[hf_leaf]
+
+
+def hf_projection_leaf(target: str, projection: str) -> str:
+    """The HF leaf of one projection of a fused Megatron module: (linear_qkv, q) -> q_proj."""
+    projections = list(PROJECTIONS.get(target, {}).values())
+    if projection not in projections:
+        raise ValueError(f"{target} has no projection {projection!r}; its projections are "
+                         f"{projections or 'none (it is not fused)'}")
+    return hf_leaves(target)[projections.index(projection)]
+
+
+def projection_of_hf_leaf(hf_leaf: str) -> str | None:
+    """The projection an HF leaf is inside its fused Megatron module (q_proj -> q), or None for
+    an HF module that is a whole Megatron one (o_proj). Standard attention only."""
+    target = megatron_target(hf_leaf)
+    if target not in PROJECTIONS:
+        return None
+    return list(PROJECTIONS[target].values())[hf_leaves(target).index(hf_leaf)]
 
 
 def _require_gated(geometry: Geometry) -> None:

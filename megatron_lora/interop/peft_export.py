@@ -7,7 +7,8 @@ Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; PEFT adapt
 A fused adapter splits exactly: `B_fused @ A` restricted to q's rows is `B_q @ A`, so q, k and
 v each get the fused A (copied) and their rows of the fused B, read with Megatron's per-group
 layout `[q heads of group g; k_g; v_g]` (`hf_mapping.split_qkv`). The split runs on full
-tensors, after the TP gather, where fc1's B is `[gate; up]` again.
+tensors, after the TP gather, where fc1's B is `[gate; up]` again. A canonical adapter
+(`linear_qkv.lora_q`) is already its HF module's: it is written as it is, at its own rank.
 
 MoE routed experts export per expert (`hf_experts.py`): `mlp.experts.{e}.gate_proj` and so on,
 with the global expert index, the form SGLang and vLLM serve and PEFT converts for
@@ -49,13 +50,18 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
     units: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, tensor in checkpoint.tensors.items():
         k = parse_adapter_key(key)
-        units.setdefault((k.layer, k.kind, k.target, k.expert), {})[k.matrix] = tensor
+        units.setdefault((k.layer, k.kind, k.target, k.expert, k.projection), {})[k.matrix] = tensor
     adapters, shared = {}, {}
-    for (layer, kind, target, expert), matrices in sorted(units.items(), key=_unit_order):
+    for (layer, kind, target, expert, projection), matrices in sorted(units.items(),
+                                                                      key=_unit_order):
         if kind == SHARED_EXPERTS:
             raise ValueError(f"{arch.name} has no shared experts: the adapter of "
                              f"decoder.layers.{layer}.mlp.shared_experts.{target} has no HF "
                              f"counterpart (leave shared_experts out of target_modules)")
+        if projection is not None:  # canonical: one projection's own adapter, as it is
+            adapters[hf_mapping.hf_projection_module(layer, target, projection)] = (
+                matrices["A"], matrices["B"])
+            continue
         if kind != EXPERTS:
             A, B = matrices["A"], matrices["B"]
             parts = hf_mapping.split_target(target, B, checkpoint.geometry)
@@ -68,7 +74,7 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
                 for name in hf_experts.module_names(names, layer, target, None):
                     shared[name] = _shared_pair(matrices)
             continue
-        common = units.get((layer, kind, target, None), {})
+        common = units.get((layer, kind, target, None, None), {})
         A, B = matrices.get("A", common.get("A")), matrices.get("B", common.get("B"))
         B_parts = hf_mapping.split_fc1(B) if target == "linear_fc1" else (B,)
         modules = hf_experts.module_names(names, layer, target, expert)
@@ -79,8 +85,8 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
 
 
 def _unit_order(item):
-    (layer, kind, target, expert), _ = item
-    return layer, kind, target, -1 if expert is None else expert
+    (layer, kind, target, expert, projection), _ = item
+    return layer, kind, target, -1 if expert is None else expert, projection or ""
 
 
 def _shared_pair(matrices: dict) -> Pair:
@@ -89,6 +95,13 @@ def _shared_pair(matrices: dict) -> Pair:
     if "A" in matrices:
         return matrices["A"][None].clone(), None
     return None, matrices["B"][None].clone()
+
+
+def _hf_names(layer: int, target: str, projection: str) -> tuple[str, ...]:
+    """The HF modules of a target, or of one canonical projection of it."""
+    if projection:
+        return (hf_mapping.hf_projection_module(layer, target, projection),)
+    return hf_mapping.hf_module_names(layer, target)
 
 
 def serving_warnings(r: int) -> list[str]:
@@ -109,16 +122,28 @@ def peft_config(checkpoint: AdapterCheckpoint, keys, adapters, shared, *,
     """The `adapter_config.json` dict of the PEFT adapter made of `adapters` and `shared` (HF
     module names, every layer's) for the adapter checkpoint keys `keys` (every layer's) and
     `checkpoint`'s config and geometry (its tensors are not read)."""
-    # Modules of a target that carry no adapter (excluded in Megatron) are excluded in PEFT too,
-    # so PEFT adapts exactly the modules that have tensors.
-    dense_targets = sorted({parse_adapter_key(k).target for k in keys
-                            if parse_adapter_key(k).kind not in (EXPERTS, SHARED_EXPERTS)})
-    excluded = [name for layer in range(checkpoint.geometry.num_layers) for target in dense_targets
-                for name in hf_mapping.hf_module_names(layer, target) if name not in adapters]
+    # Modules of a target (or canonical projection) that carry no adapter (excluded in
+    # Megatron) are excluded in PEFT too, so PEFT adapts exactly the modules that have tensors.
+    parsed = [parse_adapter_key(k) for k in keys]
+    dense_targets = sorted({(k.target, k.projection or "") for k in parsed
+                            if k.kind not in (EXPERTS, SHARED_EXPERTS)})
+    excluded = [name for layer in range(checkpoint.geometry.num_layers)
+                for target, projection in dense_targets
+                for name in _hf_names(layer, target, projection) if name not in adapters]
     leaves = {name.rsplit(".", 1)[1] for name in (*adapters, *shared)}
     return adapter_config_dict(
         checkpoint.config, sorted(leaves), exclude_modules=excluded,
         task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+
+
+def architecture_warnings(architecture: hf_mapping.Architecture, targets) -> list[str]:
+    """What real PEFT will do differently with an export for `architecture`."""
+    mlp = sorted(t for t in targets if t.startswith(("linear_fc1", "linear_fc2")))
+    if architecture.attention != "mla" or not mlp:
+        return []
+    return [f"{architecture.name}: PEFT (with transformers 5) re-targets gate_proj / up_proj / "
+            f"down_proj to the fused MoE experts' parameters, so a PeftModel ignores the "
+            f"adapters of {', '.join(mlp)} on the dense layers (the attention adapters load)"]
 
 
 def export_checkpoint(checkpoint: AdapterCheckpoint, out_dir: str | Path, *,

@@ -35,20 +35,41 @@ def _ffn(kind: str, geometry: Geometry) -> int:
     return geometry.ffn_size("experts" if kind == EXPERTS else "dense")
 
 
-def _in_features(target: str, geometry: Geometry, kind: str = DENSE) -> int:
+def _in_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | None:
+    """A's input width of a standard-attention or MLP target; None where the geometry does not
+    say (MLA's linears: the adapter's own shapes are used, and the load checks them)."""
     return {"linear_qkv": geometry.hidden_size, "linear_fc1": geometry.hidden_size,
             "linear_proj": geometry.num_attention_heads * geometry.kv_channels,
-            "linear_fc2": _ffn(kind, geometry) if target == "linear_fc2" else 0}[target]
+            "linear_fc2": _ffn(kind, geometry) if target == "linear_fc2" else 0}.get(target)
 
 
-def _out_features(target: str, geometry: Geometry, kind: str = DENSE) -> int:
+def _out_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | None:
     glu = 2 if geometry.gated_linear_unit else 1
     return {"linear_qkv": geometry.qkv_rows, "linear_proj": geometry.hidden_size,
             "linear_fc1": _ffn(kind, geometry) * glu if target == "linear_fc1" else 0,
-            "linear_fc2": geometry.hidden_size}[target]
+            "linear_fc2": geometry.hidden_size}.get(target)
 
 
-def _hf_place(module: str, geometry: Geometry, source: str):
+def group_by_target(adapter, geometry: Geometry, source: str, attention: str = "standard"
+                    ) -> dict[tuple[int, str], dict[str, tuple]]:
+    """`{(layer, Megatron target): {HF leaf: (A, B)}}` of a read PEFT adapter of a dense model
+    (the canonical import's grouping), with unknown modules and layers the model lacks named by
+    their tensor key."""
+    grouped: dict[tuple[int, str], dict[str, tuple]] = {}
+    for module, (A, B) in adapter.adapters.items():
+        try:
+            layer, leaf = hf_mapping.parse_hf_module(module)
+            target = hf_mapping.megatron_target(leaf, attention)
+        except ValueError as error:
+            raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')}: {error}") from None
+        if layer >= geometry.num_layers:
+            raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')} is for layer {layer}; "
+                             f"the model has {geometry.num_layers} layers")
+        grouped.setdefault((layer, target), {})[leaf] = (A, B)
+    return grouped
+
+
+def _hf_place(module: str, geometry: Geometry, source: str, attention: str = "standard"):
     """(layer, kind, Megatron target, expert, HF leaf, HF module names of the unit, leaves of
     the unit) of one HF adapter module."""
     expert = hf_experts.parse_module(module)
@@ -61,13 +82,16 @@ def _hf_place(module: str, geometry: Geometry, source: str):
         layer, leaf = hf_mapping.parse_hf_module(module)
     except ValueError as error:
         raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')}: {error}") from None
-    target = hf_mapping.megatron_target(leaf)
-    kind = ATTENTION if target in ("linear_qkv", "linear_proj") else DENSE
+    try:
+        target = hf_mapping.megatron_target(leaf, attention)
+    except ValueError as error:
+        raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')}: {error}") from None
+    kind = DENSE if target in ("linear_fc1", "linear_fc2") else ATTENTION
     return (layer, kind, target, None, leaf, hf_mapping.hf_module_names(layer, target),
             hf_mapping.hf_leaves(target))
 
 
-def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
+def fuse_peft_adapter(adapter, geometry: Geometry, source: str, attention: str = "standard"):
     """(fused full tensors by Megatron name, rank R, alpha for rank R, expert layout) from a
     read PEFT adapter. Raises `ValueError` naming the tensor key for anything that does not fit
     `geometry`."""
@@ -76,7 +100,8 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
     grouped: dict[tuple, dict[str, tuple]] = {}
     places = {}
     for module, (A, B) in adapter.adapters.items():
-        layer, kind, target, expert, leaf, modules, leaves = _hf_place(module, geometry, source)
+        layer, kind, target, expert, leaf, modules, leaves = _hf_place(module, geometry, source,
+                                                                       attention)
         if layer >= geometry.num_layers:
             raise ValueError(f"{source}: {adapter_tensor_key(module, 'A')} is for layer {layer}; "
                              f"the model has {geometry.num_layers} layers")
@@ -86,6 +111,9 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
         unit = (layer, kind, target, expert)
         grouped.setdefault(unit, {})[leaf] = (A, B)
         places[unit] = (modules, leaves)
+    # single-module targets the geometry cannot size (MLA's): the adapter's own shapes
+    observed = {unit[2]: (A.shape[1], B.shape[0]) for unit, parts in grouped.items()
+                for A, B in parts.values()}
 
     rank = max(len(parts) for parts in grouped.values()) * r  # e.g. q, k, v present: 3r
     # A dense target the adapter leaves out in some layers (PEFT's layers_to_transform) gets
@@ -102,7 +130,8 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str):
     for unit, parts in sorted(grouped.items(), key=lambda item: (*item[0][:3], item[0][3] or 0)):
         layer, kind, target, expert = unit
         modules, leaves = places[unit]
-        A, B = _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source)
+        A, B = _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source,
+                          observed.get(target))
         key = AdapterKey(layer, kind, target, "A", expert)
         shared = layout == "shared_outer" and kind == EXPERTS
         a_name = AdapterKey(layer, kind, target, "A", None if shared and target == "linear_fc1"
@@ -138,13 +167,16 @@ def _expert_layout(adapter, source: str) -> str:
     return "shared_outer"
 
 
-def _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source):
-    """One Megatron adapter (A `[R, in]`, B `[out, R]`) from its HF modules' adapters."""
-    in_features = _in_features(target, geometry, kind)
+def _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source,
+               observed=None):
+    """One Megatron adapter (A `[R, in]`, B `[out, R]`) from its HF modules' adapters;
+    `observed` (in, out) sizes a target the geometry does not (MLA's)."""
+    in_features = _in_features(target, geometry, kind) or observed[0]
     rows = ([_ffn(kind, geometry)] * 2 if kind == EXPERTS and target == "linear_fc1" else
             [geometry.hidden_size] if kind == EXPERTS else
             [t.shape[0] for t in hf_mapping.split_target(
-                target, torch.empty(_out_features(target, geometry, kind), 1), geometry)])
+                target, torch.empty(_out_features(target, geometry, kind) or observed[1], 1),
+                geometry)])
     A_fused = torch.zeros(rank, in_features, dtype=dtype)
     B_parts = [torch.zeros(n, rank, dtype=dtype) for n in rows]
     offset = 0

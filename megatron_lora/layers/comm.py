@@ -10,6 +10,8 @@ rank's sequence shard under sequence parallelism):
                     backward reduce-scatters dh
     row, no SP      A_i x_i [s, b, r] is a partial sum over the input shards: all-reduce
     row, SP         A_i x_i [s, b, r] -> reduce-scatter on the sequence -> [s/tp, b, r]
+    duplicated      none: the weight is whole on every rank, and so is its adapter (under SP
+                    h is this rank's [s/tp, b, r], as its base output is)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from megatron.core.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from megatron_lora.layers.sharding import COLUMN, ROW, Family, group_size_rank
+from megatron_lora.layers.sharding import COLUMN, DUPLICATED, ROW, Family, group_size_rank
 
 
 def column_hidden(h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -43,7 +45,12 @@ def row_hidden(h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(h, group=group)
 
 
-HIDDEN_COLLECTIVE = {COLUMN: column_hidden, ROW: row_hidden}
+def duplicated_hidden(h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """`A x` of a duplicated target is already what B needs: no communication."""
+    return h
+
+
+HIDDEN_COLLECTIVE = {COLUMN: column_hidden, ROW: row_hidden, DUPLICATED: duplicated_hidden}
 
 
 def reduce_hidden(family: Family, h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:

@@ -35,7 +35,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from lora_common import LoRAConfig
 from lora_common.delta import lora_delta, merged_value
 from lora_common.init import initial_lora_A
-from lora_common.state import LoRAState
+from lora_common.state import LoRAState, is_lora_parameter
 from megatron_lora.layers import sharding
 from megatron_lora.layers.comm import reduce_hidden
 from megatron_lora.layers.expert import (
@@ -70,33 +70,60 @@ class LoRAParallelLinear(LoRAState):
     # ----- parameters -------------------------------------------------------------------
 
     def add_lora(self, stride: int | None = None) -> None:
-        """Create `lora_A` / `lora_B` for this (already built) base linear.
+        """Create the adapter of this (already built) base linear: `lora_A` / `lora_B`, or the
+        per-projection adapters of a canonical one (`canonical.py`).
 
         `stride` is the base weight's partition stride (2 for SwiGLU fc1); when not given it
         is read from the weight's Megatron attributes."""
-        config, family = self.lora_config, self.lora_family
-        out_local, in_local = self.weight.shape
-        dtype, device = self.config.params_dtype, self.weight.device
-        self.lora_A = LoRAFactor(torch.empty(config.r, in_local, dtype=dtype, device=device))
-        self.lora_B = LoRAFactor(torch.zeros(out_local, config.r, dtype=dtype, device=device))
-        self.lora_scaling = config.scaling
+        self.lora_scaling = self.lora_config.scaling
         self.lora_merged = False
         self.lora_disabled = 0
-
         if stride is None:
             stride = getattr(self.weight, "partition_stride", 1)
-        for matrix in (sharding.A, sharding.B):
-            param = getattr(self, matrix).weight
-            if matrix == family.split:
-                set_tensor_model_parallel_attributes(param, True, family.split_dim, stride)
-            else:
-                set_tensor_model_parallel_attributes(param, False, -1, 1)
-                if self.sequence_parallel:
-                    # Whole on every rank but fed this rank's sequence shard: its grad is a
-                    # partial sum that Megatron's grad finalization sums over the TP group.
-                    param.sequence_parallel = True
-            param.allreduce = getattr(self.weight, "allreduce", True)
+        self.create_lora_parameters(stride)
         self.reset_lora_parameters(type(self).__name__)
+
+    def create_lora_parameters(self, stride: int) -> None:
+        """`lora_A [r, in/tp or in]` and `lora_B [out/tp or out, r]`, this rank's shards, with
+        the attributes the family's sharding rule gives them."""
+        out_local, in_local = self.weight.shape
+        self.lora_A = self.new_lora_factor(sharding.A, (self.lora_config.r, in_local), stride)
+        self.lora_B = self.new_lora_factor(sharding.B, (out_local, self.lora_config.r), stride)
+
+    def new_lora_factor(self, matrix: str, shape: tuple[int, int], stride: int = 1) -> LoRAFactor:
+        """A zero adapter matrix (`sharding.A` or `sharding.B`) of this rank's `shape`, marked
+        with Megatron's attributes: split like the base weight if the family splits it, else
+        whole, and `sequence_parallel` where its grad is a partial sum over sequence shards."""
+        factor = LoRAFactor(torch.zeros(shape, dtype=self.config.params_dtype,
+                                        device=self.weight.device))
+        param, family = factor.weight, self.lora_family
+        if matrix == family.split:
+            set_tensor_model_parallel_attributes(param, True, family.split_dim, stride)
+        else:
+            set_tensor_model_parallel_attributes(param, False, -1, 1)
+            if self.lora_sequence_parallel:
+                # Whole on every rank but fed this rank's sequence shard: its grad is a
+                # partial sum that Megatron's grad finalization sums over the TP group.
+                param.sequence_parallel = True
+        param.allreduce = getattr(self.weight, "allreduce", True)
+        return factor
+
+    @property
+    def lora_sequence_parallel(self) -> bool:
+        """Whether this linear's input (column, duplicated) or output (row) is this rank's
+        sequence shard."""
+        return self.sequence_parallel
+
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """This module's adapter matrices by name relative to it (`lora_A.weight`, or
+        `lora_q.lora_A.weight` for a canonical one), each with its Megatron TP attributes."""
+        return {name: param for name, param in self.named_parameters()
+                if is_lora_parameter(name)}
+
+    def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of this rank's shard as one adapter: `W + scaling * B @ A` is its merged
+        weight and `scaling * B A x` its output."""
+        return self.lora_A.weight, self.lora_B.weight
 
     @property
     def lora_tp_group(self):
@@ -118,14 +145,15 @@ class LoRAParallelLinear(LoRAState):
         """Turn this module back into a plain instance of its base class."""
         if self.lora_merged:
             raise RuntimeError(f"{type(self).__name__}: unmerge before removing LoRA")
-        for attr in ("lora_A", "lora_B", "lora_scaling", "lora_merged", "lora_disabled"):
+        adapters = [name for name, _ in self.named_children() if name.startswith("lora_")]
+        for attr in (*adapters, "lora_scaling", "lora_merged", "lora_disabled"):
             delattr(self, attr)
         self.__dict__.pop("lora_expert", None)
         self.__class__ = self.lora_base_class
 
     def lora_pairs(self) -> list[AdapterPair]:
         """Each base weight of this module with the adapter matrices that update it."""
-        return [AdapterPair("weight", self.weight, self.lora_A.weight, self.lora_B.weight,
+        return [AdapterPair("weight", self.weight, *self.lora_weights(),
                             "lora_A.weight", "lora_B.weight")]
 
     def lora_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -133,9 +161,8 @@ class LoRAParallelLinear(LoRAState):
         module's `name` in the unsplit model (`model.lora_modules`). An expert of a
         `SequentialMLP` is named like the same expert of a grouped linear, so checkpoints
         interchange: `...mlp.experts.linear_fc1.lora_A.weight<global index>`."""
-        if self.lora_expert is None:
-            return {f"{name}.lora_A.weight": self.lora_A.weight,
-                    f"{name}.lora_B.weight": self.lora_B.weight}
+        if self.lora_expert is None:  # a canonical linear: `{name}.lora_q.lora_A.weight`, ...
+            return {f"{name}.{key}": param for key, param in self.lora_parameters().items()}
         stem, index = target_path(name), self.lora_expert.index
         return {f"{stem}.lora_A.weight{index}": self.lora_A.weight,
                 f"{stem}.lora_B.weight{index}": self.lora_B.weight}
@@ -243,10 +270,16 @@ class LoRAParallelLinear(LoRAState):
         adapter has none (`expert.py`)."""
         if self.lora_expert is not None:
             return self._expert_lora_output(output, x)
-        sharded = self.lora_family.input_split or self.sequence_parallel
-        h = F.linear(self._lora_dropout(x, sharded), self.lora_A.weight)    # [..., r]
-        h = reduce_hidden(self.lora_family, h, self.lora_tp_group, self.sequence_parallel)
-        return accumulate_lora_output(output, h, self.lora_B.weight, self.lora_scaling)
+        A, B = self.lora_weights()
+        sharded = self.lora_family.input_split or self.lora_sequence_parallel
+        h = self.lora_hidden(x, A, sharded)                                 # [..., r]
+        h = reduce_hidden(self.lora_family, h, self.lora_tp_group, self.lora_sequence_parallel)
+        return accumulate_lora_output(output, h, B, self.lora_scaling)
+
+    def lora_hidden(self, x: torch.Tensor, A: torch.Tensor, sharded: bool) -> torch.Tensor:
+        """`A dropout(x)`, this rank's `[..., r]` before the family's collective; `sharded`:
+        whether x differs between TP ranks (which dropout stream to draw from)."""
+        return F.linear(self._lora_dropout(x, sharded), A)
 
     def _expert_lora_output(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The expert rule: x is this expert's tokens as the dispatcher hands them (the same on

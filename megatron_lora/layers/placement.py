@@ -8,6 +8,14 @@ parameters when `config.only_trainable`. The spec route runs it from the LoRA su
 layer class (`lora_layer_class`); the post-hoc route calls it on each built layer. Both routes
 therefore give the same adapters.
 
+Some modules choose how to build a submodule by testing its class for identity (MLA:
+`linear_q_down_proj in [TELinear]`, megatron-core 0.19's `module_cls is fused_norm_linear`), and
+a LoRA subclass fails such a test, loudly or by being replaced with the base class. The spec
+walk leaves the targets inside them as they are (`spec.py`); the LoRA layer then converts every
+target module still without LoRA in place, as the post-hoc route does (`add_lora_in_place`), so
+every target module of a built layer carries LoRA (or is refused by name) before the adapters
+are placed, whatever the modules inside did with the spec's classes.
+
 An expert linear of a `SequentialMLP` learns here that it is one (`configure_expert`), with its
 global expert index; every expert's A is seeded by `(config.seed, layer_number, target path,
 global expert index)`, the key a grouped linear uses for the same expert, so adapters agree at
@@ -23,10 +31,11 @@ import torch
 
 from lora_common import LoRAConfig
 from lora_common.state import freeze_all_but_adapters
+from lora_common.targets import PROJECTIONS
 from megatron_lora import moe
-from megatron_lora.layers.registry import is_lora_linear
+from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import qualified_name
-from megatron_lora.targets import leaf, selecting, target_path
+from megatron_lora.targets import is_routed_expert_path, leaf, selecting, target_path
 
 
 def is_excluded(qualified: str, exclude_modules: tuple[str, ...]) -> bool:
@@ -43,7 +52,8 @@ def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
     """Refuse an exclude entry that can match no adapted module: its last name must be one of
     the targets, and a layer it names must exist. Checkable on every rank and at spec time,
     without the other pipeline stages' modules (an entry is a path in the unsplit model)."""
-    target_leaves = {leaf(target) for target in config.target_modules}
+    modules = config.module_targets()
+    target_leaves = {leaf(target) for target in modules}
     for entry in config.exclude_modules:
         if target_path(entry) != entry:
             raise ValueError(f"LoRA exclude_modules entry {entry!r} names one expert of a "
@@ -55,8 +65,45 @@ def check_exclusions(config: LoRAConfig, num_layers: int | None) -> None:
             continue
         layers = f"decoder.layers.<0..{num_layers - 1}>" if num_layers else "decoder.layers.<i>"
         raise ValueError(f"LoRA exclude_modules entry {entry!r} matches no LoRA module: the "
-                         f"adapted modules are {', '.join(config.target_modules)}, named "
+                         f"adapted modules are {', '.join(modules)}, named "
                          f"{layers}.<path in layer> (an entry may be any dotted suffix of that)")
+
+
+def selected_projections(config: LoRAConfig, path: str) -> tuple[str, ...] | None:
+    """None if no target selects the module at `path` (`targets.py`); else the projections
+    that get an adapter each (canonical LoRA on a fused linear, in its row order), or `()` for
+    one adapter. MoE experts' linears always get one adapter (an expert's fc1 has its own
+    layout), as in Megatron-Bridge's CanonicalLoRA."""
+    modules = config.module_targets()
+    selected = selecting(modules, path)
+    if not selected:
+        return None
+    if is_routed_expert_path(path) or ".shared_experts." in f".{target_path(path)}":
+        return ()
+    parts = {p for entry in selected for p in modules[entry]}
+    return tuple(p for p in PROJECTIONS.get(leaf(path), {}).values() if p in parts)
+
+
+def add_lora_in_place(module: torch.nn.Module, config: LoRAConfig, name: str) -> None:
+    """Turn a built parallel linear at path `name` (a target selects it) into its LoRA class,
+    keeping its base weights: the post-hoc route and the deferred targets of the spec route."""
+    module.__class__ = lora_linear_class(type(module), config,
+                                         selected_projections(config, name) or ())
+    module.add_lora()
+
+
+def add_missing_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
+    """Give LoRA to every target module of a built layer that lacks it: the targets the spec
+    walk left as they were, and any a module replaced by its base class. Afterwards every
+    target module of the layer carries LoRA; one LoRA cannot adapt is refused by name."""
+    for name, module in list(layer.named_modules()):
+        if selected_projections(config, name) is None or is_lora_linear(module):
+            continue
+        if not supports_lora(type(module)):
+            raise ValueError(f"LoRA target {name!r} of {type(layer).__name__} is a "
+                             f"{type(module).__name__}, not a Megatron parallel linear LoRA "
+                             f"supports")
+        add_lora_in_place(module, config, name)
 
 
 def place_lora(layer: torch.nn.Module, config: LoRAConfig) -> None:
@@ -97,6 +144,7 @@ class LoRATransformerLayerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        add_missing_lora(self, self.lora_config)
         place_lora(self, self.lora_config)
 
 

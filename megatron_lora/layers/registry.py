@@ -4,8 +4,10 @@
 
 A base class is matched to the mixin of the first family base it subclasses: megatron-core's
 local parallel linears, and its Transformer Engine wrappers (grouped MoE linears included) when
-megatron-core found TE at import. One class is made per (base, config) pair, so the spec route
-and the post-hoc route build the same classes.
+megatron-core found TE at import. With `projections` (canonical LoRA on a fused linear:
+`lora_common.targets`) the per-projection mixin (`canonical.py`) goes in front of the family's.
+One class is made per (base, config, projections), so the spec route and the post-hoc route
+build the same classes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from megatron_lora.layers.parallel_linear import (
     LoRAParallelLinear,
     LoRARowParallelMixin,
 )
+from megatron_lora.layers.sharding import COLUMN
 
 
 @functools.cache
@@ -50,6 +53,11 @@ def family_mixins() -> tuple[tuple[type, type], ...]:
 
             pairs += [(te_wrappers.TEColumnParallelGroupedLinear, LoRATEColumnParallelGroupedMixin),
                       (te_wrappers.TERowParallelGroupedLinear, LoRATERowParallelGroupedMixin)]
+        # Last: TEColumn/TERowParallelLinear subclass TELinear. A plain TELinear is MLA's
+        # duplicated down projection.
+        from megatron_lora.layers.te_linear import LoRATEDuplicatedMixin
+
+        pairs.append((te_wrappers.TELinear, LoRATEDuplicatedMixin))
     return tuple(pairs)
 
 
@@ -63,22 +71,30 @@ def supports_lora(cls: type) -> bool:
     return isinstance(cls, type) and any(issubclass(cls, base) for base, _ in family_mixins())
 
 
-def lora_linear_class(base: type, config: LoRAConfig) -> type:
-    """The LoRA subclass of the parallel linear class `base` for `config`. A LoRA class passed
-    again is returned as is."""
+def lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ...] = ()) -> type:
+    """The LoRA subclass of the parallel linear class `base` for `config`; with `projections`
+    (canonical LoRA, e.g. `("q", "v")` on linear_qkv) one adapter per projection. A LoRA class
+    passed again is returned as is."""
     if is_lora_linear(base):
-        if base.lora_config != config:
+        if base.lora_config != config or getattr(base, "lora_projections", ()) != projections:
             raise ValueError(f"{base.__name__} already carries LoRA with another config")
         return base
-    return _lora_linear_class(base, config)
+    return _lora_linear_class(base, config, tuple(projections))
 
 
 @functools.cache
-def _lora_linear_class(base: type, config: LoRAConfig) -> type:
+def _lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ...]) -> type:
     for family_base, mixin in family_mixins():
         if isinstance(base, type) and issubclass(base, family_base):
-            return type(f"LoRA{base.__name__}", (mixin, base),
-                        {"lora_config": config, "lora_base_class": base,
-                         "__module__": __name__})
+            attributes = {"lora_config": config, "lora_base_class": base, "__module__": __name__}
+            if not projections:
+                return type(f"LoRA{base.__name__}", (mixin, base), attributes)
+            from megatron_lora.layers.canonical import CanonicalLoRAMixin
+
+            if mixin.lora_family is not COLUMN:
+                raise TypeError(f"canonical LoRA ({', '.join(projections)}) needs a "
+                                f"column-parallel linear; got {base.__name__}")
+            return type(f"CanonicalLoRA{base.__name__}", (CanonicalLoRAMixin, mixin, base),
+                        {**attributes, "lora_projections": projections})
     names = ", ".join(b.__name__ for b, _ in family_mixins())
     raise TypeError(f"LoRA supports subclasses of {names}; got {getattr(base, '__name__', base)!r}")

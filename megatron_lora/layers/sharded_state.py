@@ -29,20 +29,23 @@ NOT_IN_CHECKPOINT = _NotInCheckpoint()
 
 
 def adapter_sharded_state(module, prefix: str, sharded_offsets=(), metadata=None) -> dict:
-    """`{prefix}lora_A.weight` and `{prefix}lora_B.weight` of a LoRA linear, as sharded tensors
-    (or, for SwiGLU fc1's B, a factory) split like the module's family says."""
+    """Every adapter matrix of a LoRA linear (`{prefix}lora_A.weight`, `{prefix}lora_B.weight`,
+    or a canonical one's `{prefix}lora_q.lora_A.weight`, ...) as a sharded tensor split as its
+    own TP attributes say (the family's rule), or, for SwiGLU fc1's B, a factory."""
     metadata = metadata or {}
     dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
         with_context_parallel=True)
-    family = module.lora_family
+    adapters = module.lora_parameters()
+    split_dims = {name: param.partition_dim for name, param in adapters.items()
+                  if getattr(param, "tensor_model_parallel", False)}
     state = make_sharded_tensors_for_checkpoint(
-        {"lora_A.weight": module.lora_A.weight, "lora_B.weight": module.lora_B.weight}, prefix,
-        {f"{family.split}.weight": family.split_dim}, sharded_offsets,
+        adapters, prefix, split_dims, sharded_offsets,
         tp_group=module.lora_tp_group, dp_cp_group=dp_cp_group)
-    if getattr(module.lora_B.weight, "partition_stride", 1) == 2:
-        key = f"{prefix}lora_B.weight"
-        state[key] = swiglu_factory_tolerating_absence(
-            state[key], sharded_offsets, metadata.get("singleton_local_shards", False))
+    for name, param in adapters.items():
+        if getattr(param, "partition_stride", 1) == 2:
+            state[prefix + name] = swiglu_factory_tolerating_absence(
+                state[prefix + name], sharded_offsets,
+                metadata.get("singleton_local_shards", False))
     return state
 
 

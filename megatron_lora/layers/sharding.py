@@ -5,14 +5,18 @@ A LoRA linear holds `lora_A.weight [r, in]` and `lora_B.weight [out, r]`. The ad
 that touches the base weight's split dimension is split exactly like the weight; the other is
 whole on every rank:
 
-    family     base weight W          A [r, in]               B [out, r]
-    column     output split (dim 0)   whole                   split on dim 0, W's stride
-    row        input split (dim 1)    split on dim 1          whole
+    family      base weight W          A [r, in]               B [out, r]
+    column      output split (dim 0)   whole                   split on dim 0, W's stride
+    row         input split (dim 1)    split on dim 1          whole
+    duplicated  whole on every rank    whole                   whole
 
 So every rank holds its shard of `W + s B A` (merge is local), and the adapter's only
 communication is of its `[tokens, r]` hidden activation (`comm.py`). Under sequence
 parallelism the whole matrix sees only this rank's sequence shard, so its grad is a partial
 sum: it is marked `sequence_parallel`, and Megatron's grad finalization sums it over TP.
+A duplicated linear (TE's `parallel_mode="duplicated"`: MLA's down projections) needs no
+communication; under SP it sees only this rank's sequence shard, so both of its matrices are
+marked.
 
 A split tensor is cut along `dim` into `world * stride` equal chunks and rank `i` holds chunks
 `i, i + world, i + 2 * world, ...` concatenated (Megatron's `_initialize_affine_weight_cpu`).
@@ -51,6 +55,7 @@ class Family:
 
 COLUMN = Family("column", split=B, split_dim=0)
 ROW = Family("row", split=A, split_dim=1)
+DUPLICATED = Family("duplicated", split=None, split_dim=None)
 
 
 def group_size_rank(group) -> tuple[int, int]:

@@ -5,7 +5,7 @@ signatures. `registry.py` picks these mixins when megatron-core found TE at impo
 from __future__ import annotations
 
 from megatron_lora.layers.parallel_linear import LoRAParallelLinear
-from megatron_lora.layers.sharding import COLUMN, ROW
+from megatron_lora.layers.sharding import COLUMN, DUPLICATED, ROW
 
 
 class LoRATEColumnParallelMixin(LoRAParallelLinear):
@@ -63,3 +63,34 @@ class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
     def remove_lora(self) -> None:
         self.return_layernorm_output = False
         super().remove_lora()
+
+
+class LoRATEDuplicatedMixin(LoRAParallelLinear):
+    """LoRA for megatron-core's plain `TELinear` built with `parallel_mode="duplicated"` (MLA's
+    `linear_q_down_proj` and `linear_kv_down_proj` on the TE spec): the weight is whole on every
+    TP rank and TE runs it with no communication (TE's own parallel mode is None, its tp_size 1).
+
+    The adapter is whole too, with no collective. Under sequence parallelism the input is this
+    rank's sequence shard, so both matrices' grads are partial sums: both are marked
+    `sequence_parallel`, as Megatron marks the base weight. TE switches its own
+    `sequence_parallel` off at tp_size 1, so the config's flag is the one that says so."""
+
+    lora_family = DUPLICATED
+
+    def add_lora(self, stride: int | None = None) -> None:
+        if self.parallel_mode is not None:
+            raise NotImplementedError(
+                f"LoRA on a plain TELinear supports parallel_mode='duplicated' (TE's None) only; "
+                f"{type(self).__name__} has TE parallel mode {self.parallel_mode!r}: build it as "
+                f"TEColumnParallelLinear or TERowParallelLinear")
+        super().add_lora(stride)
+
+    @property
+    def lora_sequence_parallel(self) -> bool:
+        return bool(self.config.sequence_parallel)
+
+    def forward(self, x):
+        output, bias = super().forward(x)
+        if not self.lora_active:
+            return output, bias
+        return self.lora_output(output, x), bias

@@ -17,6 +17,10 @@ megatron-core assumes CUDA in these places that a CPU run meets:
   whose waits do nothing, and a synchronize that does nothing, are exact;
 - megatron-core 0.16's MoE router reads `te_general_gemm`, a name it defines only when
   Transformer Engine imports;
+- megatron-core 0.16's multi-latent attention imports the TE wrappers, which import without TE
+  (`te` is then a MagicMock), so it sets its own `HAVE_TE = True` and its
+  `isinstance(linear_proj, TELinear)` fails on a MagicMock class (`TypeError: isinstance() arg
+  2 must be a type`); 0.19 reads the extension's `HAVE_TE` and needs nothing;
 - the MoE all-to-all token dispatcher copies its split sizes device-to-host on a side CUDA
   stream (`torch.cuda.Stream()` at construction, `torch.cuda.stream(s)` and
   `s.record_event().synchronize()` around the copy), and converts them to numpy only for CUDA
@@ -201,6 +205,11 @@ def enable() -> None:
     WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # what megatron-core means by "no TE GEMM"
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention
+
+    if not te_extension.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False  # TE is absent, whatever its mock import said
     _alltoall_dispatcher_on_cpu()
     _ENABLED = True
 

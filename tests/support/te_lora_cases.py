@@ -125,3 +125,45 @@ def lora_matmuls_under_fp8():
     return {"fp8_gemms": emulation.stats["fp8_gemms"],
             "lora_matmuls": len(lora),
             "lora_dtypes": sorted({dtype for _, _, dtypes in lora for dtype in dtypes})}
+
+
+CANONICAL = LoRAConfig(r=4, alpha=8, canonical=True)
+
+
+def te_canonical_vs_local(layouts):
+    """Canonical (per-projection) LoRA on the TE spec (q/k/v and gate/up adapters inside
+    TELayerNormColumnParallelLinear, fed the normalized input) next to the local spec's: B = 0
+    vs the TE base; with non-zero B and norm weights: loss and full adapter grads; merged error."""
+    from megatron_lora import get_lora_parameters, lora_spec, merge_lora_weights
+    from megatron_lora.runtime.launch import initialize_model_parallel
+
+    out = {}
+    for tp, sp in layouts:
+        initialize_model_parallel(tp=tp)
+        te_plain = tiny_gpt.build_gpt(tiny_gpt.te_spec(), sequence_parallel=sp)
+        te = tiny_gpt.build_gpt(lora_spec(tiny_gpt.te_spec(), CANONICAL), sequence_parallel=sp)
+        local = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CANONICAL),
+                                   sequence_parallel=sp)
+        r = {"classes": sorted({type(m).__name__ for m in te.modules()
+                                if "LoRA" in type(m).__name__ and hasattr(m, "lora_family")}),
+             "b0_logits": (tiny_gpt.logits(te), tiny_gpt.logits(te_plain))}
+        losses, grads = [], []
+        for model in (te, local):
+            lora_helpers.set_nonzero_B(model)
+            with torch.no_grad():  # an adapter fed the pre-norm input would now differ
+                for name, param in model.named_parameters():
+                    if "layer_norm_weight" in name or "layernorm.weight" in name:
+                        param.copy_(torch.linspace(0.5, 2.0, param.numel()))
+            loss = tiny_gpt.loss(model)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(by_local_name({n: lora_helpers.full_grad(p)
+                                        for n, p in get_lora_parameters(model).items()}))
+        r["losses"], r["grads"] = losses, grads
+        te.eval()
+        with torch.no_grad():
+            unmerged = tiny_gpt.logits(te)
+            merge_lora_weights(te)
+            r["merged_error"] = (tiny_gpt.logits(te) - unmerged).abs().max().item()
+        out[(tp, sp)] = r
+    return out

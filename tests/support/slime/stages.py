@@ -330,6 +330,8 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
                 "--use-kl-loss", "--kl-loss-coef", "0.01", "--colocate", "--no-offload-train",
                 "--rollout-num-gpus-per-engine", "2", "--save-hf", f"{work}/hf-{{rollout_id}}",
                 "--dist-ckpt-strictness", "log_unexpected"]
+    if layout.get("canonical"):
+        lora_run.append("--lora-canonical")  # one adapter per projection (q, k, v, gate, up)
 
     # ----- base: a plain actor from the HF checkpoint, saved as the torch_dist base --------
     args = actors.parse(actors.command_line(lora=False, **common, extra=[
