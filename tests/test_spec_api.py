@@ -110,7 +110,15 @@ def test_custom_megatron_init_points_slime_at_the_lora_spec():
     args = lora_args("--use-lora")
     custom_megatron_init(args)
     assert args.spec == ["megatron_lora", "get_gpt_lora_spec"]
-    assert args.only_train_params_name_list == [r"(?:^|\.)lora_([AB])\.weight$"]
+    # slime trains the parameters whose names re.search one of these patterns
+    (pattern,) = args.only_train_params_name_list
+    names = ["module.decoder.layers.0.self_attention.linear_qkv.lora_A.weight",
+             "module.decoder.layers.1.mlp.experts.linear_fc2.lora_B.weight3",
+             "module.decoder.layers.0.self_attention.linear_qkv.weight",
+             "module.decoder.layers.1.mlp.experts.linear_fc2.weight3",
+             "module.decoder.layers.0.mlp.linear_fc1.lora_A.weight.main_grad",
+             "module.decoder.layers.0.mlp.flora_B.weight"]
+    assert [bool(re.search(pattern, n)) for n in names] == [True, True, False, False, False, False]
 
     args = lora_args("--use-lora", "--no-lora-only-trainable", "--spec", "pkg.mod", "fn")
     custom_megatron_init(args)
