@@ -7,9 +7,18 @@
     save_peft_adapter(model, "adapter/")                                  # PEFT format
 """
 
-from fsdp_lora.apply import apply_lora_to_fsdp_model, get_lora_parameters, mark_only_lora_as_trainable
+from fsdp_lora.apply import (
+    apply_lora_to_fsdp_model,
+    get_lora_parameters,
+    mark_only_lora_as_trainable,
+)
 from fsdp_lora.layers import LoRAFactor, LoRALinear
-from fsdp_lora.merge import disable_lora, iter_merged_weights, merge_lora_weights, unmerge_lora_weights
+from fsdp_lora.merge import (
+    disable_lora,
+    iter_merged_weights,
+    merge_lora_weights,
+    unmerge_lora_weights,
+)
 from fsdp_lora.peft import load_peft_adapter, save_peft_adapter
 from lora_common import HF_TARGET_MODULES, LoRAConfig, add_lora_arguments
 

@@ -13,8 +13,8 @@ Everything that gathers is a collective: every rank must make the same calls in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Iterator
 
 import torch
 from torch import nn

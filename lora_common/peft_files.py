@@ -45,14 +45,14 @@ base_model_name_or_path=None) -> dict`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch

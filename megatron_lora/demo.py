@@ -102,9 +102,9 @@ def _eval(model, task, args):
 def run_demo(args):
     """One rank of the demo; rank 0 reports."""
     from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     import megatron_lora
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     warnings.filterwarnings("ignore")
     rank0 = torch.distributed.get_rank() == 0

@@ -12,12 +12,11 @@ import textwrap
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same
-from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 

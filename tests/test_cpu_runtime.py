@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
+from megatron_lora.runtime.launch import RankError, initialize_model_parallel, run_on_ranks
 from support import tiny_gpt
 from support.compare import assert_same
-from megatron_lora.runtime.launch import RankError, initialize_model_parallel, run_on_ranks
 
 
 def loss_and_grad_norms():

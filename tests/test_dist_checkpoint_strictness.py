@@ -15,10 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 STRICTNESS = ["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
@@ -58,11 +57,9 @@ def _load(model, ckpt_dir, strict):
 
 
 def strictness_cases(tmp):
-    from megatron_lora import allow_missing_adapters
-
     from megatron.core import dist_checkpointing
 
-    from megatron_lora import save_dist_checkpoint
+    from megatron_lora import allow_missing_adapters, save_dist_checkpoint
 
     original_load = dist_checkpointing.load
     initialize_model_parallel(tp=2)

@@ -12,14 +12,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fsdp_lora import (
+    LoRAConfig,
+    apply_lora_to_fsdp_model,
+    disable_lora,
+    get_lora_parameters,
+    iter_merged_weights,
+    load_peft_adapter,
+    merge_lora_weights,
+    save_peft_adapter,
+    unmerge_lora_weights,
+)
+from fsdp_lora.full_params import full_value, hf_module_name
+from megatron_lora.runtime.processes import run_on_ranks
 from support.compare import assert_same
 from support.fsdp_llama import BATCH, build_llama, token_batches
 from support.outcomes import assert_raised, outcome
-from fsdp_lora import (LoRAConfig, apply_lora_to_fsdp_model, disable_lora, get_lora_parameters,
-                       iter_merged_weights, load_peft_adapter, merge_lora_weights,
-                       save_peft_adapter, unmerge_lora_weights)
-from fsdp_lora.full_params import full_value, hf_module_name
-from megatron_lora.runtime.processes import run_on_ranks
 
 CONFIG = LoRAConfig(r=4, alpha=8, seed=11)
 STEPS = 5

@@ -11,14 +11,30 @@ import warnings
 import pytest
 import torch
 
+from fsdp_lora import (
+    HF_TARGET_MODULES,
+    LoRAConfig,
+    LoRALinear,
+    add_lora_arguments,
+    apply_lora_to_fsdp_model,
+    disable_lora,
+    get_lora_parameters,
+    iter_merged_weights,
+    load_peft_adapter,
+    mark_only_lora_as_trainable,
+    merge_lora_weights,
+    save_peft_adapter,
+    unmerge_lora_weights,
+)
+from lora_common.peft_files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    adapter_config_dict,
+    read_peft_adapter,
+    write_peft_adapter,
+)
 from support.compare import assert_same
 from support.fsdp_llama import build_llama, randomize_lora, token_batches
-from fsdp_lora import (HF_TARGET_MODULES, LoRAConfig, LoRALinear, add_lora_arguments,
-                       apply_lora_to_fsdp_model, disable_lora, get_lora_parameters,
-                       iter_merged_weights, load_peft_adapter, mark_only_lora_as_trainable,
-                       merge_lora_weights, save_peft_adapter, unmerge_lora_weights)
-from lora_common.peft_files import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
-                                    adapter_config_dict, read_peft_adapter, write_peft_adapter)
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 TOKENS = token_batches(1)[0]

@@ -7,16 +7,15 @@ import re
 import pytest
 import torch
 
-from support import hf_llama
-from support.compare import assert_same
-from support.outcomes import assert_raised, outcome
 from lora_common import HF_TARGET_MODULES, MEGATRON_TARGET_MODULES
 from megatron_lora.interop import hf_mapping
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.hf_mapping import fuse_fc1, fuse_qkv, split_fc1, split_qkv
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 from megatron_lora.layers.sharding import shard
-
+from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import hf_llama
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 
 # --- layouts on plain tensors ----------------------------------------------------------------
 

@@ -3,11 +3,10 @@ the init does not depend on TP, and the parameter attributes and count are right
 
 import pytest
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, True), (2, False), (1, False)]
@@ -32,8 +31,8 @@ def build_and_compare():
             extra_names=sorted(set(spec_state) - set(plain_state)),
             posthoc_state=tiny_gpt.full_state(posthoc),
             lora_full=lora_helpers.full_state(lora),
-            attributes={name: (getattr(p, "tensor_model_parallel"), getattr(p, "partition_dim"),
-                               getattr(p, "partition_stride"), getattr(p, "sequence_parallel", False))
+            attributes={name: (p.tensor_model_parallel, p.partition_dim,
+                               p.partition_stride, getattr(p, "sequence_parallel", False))
                         for name, p in lora.items()},
             trainable_local=sum(p.numel() for p in posthoc.parameters() if p.requires_grad),
             trainable_base_in_layers=[n for n, p in spec_model.named_parameters()

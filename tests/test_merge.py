@@ -5,12 +5,11 @@ import re
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same
-from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same
+from support.outcomes import assert_raised, outcome
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, True), (1, False)]
@@ -36,8 +35,13 @@ def enter_disable_lora(model, error: Exception | None = None) -> None:
 
 def merge_cases():
     from megatron_lora import (
-        disable_lora, get_lora_parameters, iter_merged_weights, lora_spec, merge_lora_weights,
-        unmerge_lora_weights)
+        disable_lora,
+        get_lora_parameters,
+        iter_merged_weights,
+        lora_spec,
+        merge_lora_weights,
+        unmerge_lora_weights,
+    )
 
     out = {}
     for tp, sp in LAYOUTS:

@@ -4,12 +4,12 @@ model trains the same at TP=1, TP=2+SP and TP=2 (on megatron-core's TE layer spe
 adapter and dist checkpoints saved at TP=2+SP reload at TP=1 exactly."""
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
+from megatron_lora.runtime.launch import run_on_ranks
 from support import mla_cases
 from support.compare import assert_same
-from megatron_lora.runtime.launch import run_on_ranks
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from support import hf_deepseek, hf_llama, mla_cases
 from megatron_lora.runtime.launch import run_on_ranks
+from support import hf_deepseek, hf_llama, mla_cases
 
 # The MLA linears' HF names. Real PEFT (0.21.2 with transformers 5) rewrites DeepSeek-V3's
 # gate_proj / up_proj / down_proj targets into its fused experts' `target_parameters`, so an

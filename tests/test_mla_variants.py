@@ -4,12 +4,12 @@ without q compression (checked on the installed megatron-core: 0.16.1 in `make t
 gives TP=1's logits and adapter grads with non-zero B, merged equals unmerged."""
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
+from megatron_lora.runtime.launch import run_on_ranks
 from support import mla_cases
 from support.compare import assert_same
-from megatron_lora.runtime.launch import run_on_ranks
 
 
 def _megatron_core_minor() -> tuple[int, int]:

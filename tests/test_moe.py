@@ -8,12 +8,11 @@ checkpoint name (global expert index); the tests judge them here.
 import re
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
-from support import moe_cases
-from support import tiny_moe
 from megatron_lora.runtime.launch import run_on_ranks
+from support import moe_cases, tiny_moe
 
 # Losses agree to float rounding; adapters after 3 Adam steps to the rounding that Adam's
 # normalization amplifies (grads summed in another order: ETP, SP shards, EP all-to-all).

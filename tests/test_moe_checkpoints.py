@@ -4,11 +4,11 @@ checkpoint of another expert count or expert layout is refused, naming why, befo
 parameter changes."""
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
-from support import moe_checkpoint_cases
 from megatron_lora.runtime.launch import run_on_ranks
+from support import moe_checkpoint_cases
 
 RESHARDS = {  # (TE grouped experts, expert layout, saved at, loaded at)
     "sequential per_expert": (False, "per_expert", "EP2", ["ETP2", "EP1"]),

@@ -9,12 +9,11 @@ shared form, or expanded into every expert (`expand_shared=True`) for vLLM and P
 import re
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
-from support import hf_llama
-from support import moe_peft_cases
 from megatron_lora.runtime.launch import run_on_ranks
+from support import hf_llama, moe_peft_cases
 
 EXPORTS = [  # name, HF model, expert layout, TE grouped experts, expand shared factors
     ("qwen3_moe per_expert", "qwen3_moe", "per_expert", False, False),

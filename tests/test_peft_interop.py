@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import hf_llama
-from support import peft_cases
+from megatron_lora.runtime.launch import run_on_ranks
+from support import hf_llama, peft_cases
 from support.compare import assert_same
 from support.outcomes import assert_raised
-from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, True), (1, False)]
 

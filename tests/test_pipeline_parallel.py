@@ -3,11 +3,10 @@ PP sizes (each stage holds different layers; rank 0 gathers them all)."""
 
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 

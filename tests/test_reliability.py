@@ -73,9 +73,9 @@ def lora_model(config=CONFIG, **overrides):
 
 
 def megatron_cases(tmp: str) -> dict:
-    import megatron_lora as ml
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    import megatron_lora as ml
     from megatron_lora.interop.adapter_file import read_lora_checkpoint
     from megatron_lora.interop.peft_export import export_checkpoint
 
@@ -160,8 +160,12 @@ def test_the_merged_state_is_refused_by_every_load_and_save(megatron_seen):
 
 
 def test_fsdp_load_into_a_merged_model_is_refused(tmp_path):
-    from fsdp_lora import (apply_lora_to_fsdp_model, load_peft_adapter, merge_lora_weights,
-                           save_peft_adapter)
+    from fsdp_lora import (
+        apply_lora_to_fsdp_model,
+        load_peft_adapter,
+        merge_lora_weights,
+        save_peft_adapter,
+    )
 
     config = LoRAConfig(r=4, alpha=8)
     model = apply_lora_to_fsdp_model(fsdp_llama.build_llama(), config)

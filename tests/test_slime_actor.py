@@ -19,6 +19,7 @@ import torch
 
 from support.slime import sources
 
+
 def _why_not() -> str | None:
     import numpy
 

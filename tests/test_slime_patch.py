@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support.compare import assert_same, identity
-from support.outcomes import assert_raised, outcome
 from lora_common import LoRAConfig
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
+from support.compare import assert_same, identity
+from support.outcomes import assert_raised, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "slime-624b824a-lora.patch"
@@ -237,8 +236,14 @@ def _slime_names(model) -> dict[str, torch.Tensor]:
 
 
 def _errors(model, plain):
-    from megatron_lora import (disable_lora, is_lora_parameter, iter_merged_tensors,
-                               merge_lora_weights, merged_weights, unmerge_lora_weights)
+    from megatron_lora import (
+        disable_lora,
+        is_lora_parameter,
+        iter_merged_tensors,
+        merge_lora_weights,
+        merged_weights,
+        unmerge_lora_weights,
+    )
 
     live = _slime_names(model)
     errors = {}
@@ -421,10 +426,9 @@ def moe_weight_sync_cases():
     """At EP=2 (TE grouped experts, per-expert and shared-outer adapters) and at EP=1: the
     merged view of slime's globally named weights, its stream form, and the adapter checkpoint
     names; every merged expert weight gathered by its global name."""
-    from support import moe_cases
-
     from megatron_lora import iter_merged_tensors, iter_merged_weights, merged_weights
     from megatron_lora.adapter_checkpoint import gather_adapter
+    from support import moe_cases
 
     out = {}
     for layout in ("EP2", "EP1"):

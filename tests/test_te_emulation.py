@@ -11,12 +11,13 @@ read their results. The pytest process itself never imports the emulation.
 import sys
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
+from megatron_lora.runtime.launch import run_on_ranks
+
 # bit for bit: the emulation runs the same torch ops as the local layers
 from support.compare import assert_same
-from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, False), (2, True), (1, False)]
 LAYOUT_IDS = ["tp2", "tp2-sp", "tp1"]

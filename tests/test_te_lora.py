@@ -2,12 +2,12 @@
 tests/te_emulation and README: what this proves and what only a GPU with real TE can)."""
 
 import pytest
+import te_emulation
 import torch
 
-import te_emulation
+from megatron_lora.runtime.launch import run_on_ranks
 from support import te_lora_cases
 from support.compare import assert_same
-from megatron_lora.runtime.launch import run_on_ranks
 
 LAYOUTS = [(2, True), (2, False), (1, False)]
 

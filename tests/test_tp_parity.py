@@ -4,12 +4,11 @@ only the rank-sized communication the sharding rule implies."""
 import pytest
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
 from lora_common import LoRAConfig
 from megatron_lora.runtime.collective_bytes import count_collective_bytes
 from megatron_lora.runtime.ddp_training import Schedule
 from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, tiny_gpt
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYOUTS = [(2, False), (2, True), (1, False)]

@@ -36,7 +36,6 @@ import torch
 from lora_common.targets import PROJECTION_TARGETS, PROJECTIONS
 from megatron_lora.interop.geometry import Geometry
 
-
 # --- architectures -------------------------------------------------------------------------
 
 

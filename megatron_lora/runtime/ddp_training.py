@@ -10,8 +10,8 @@ clips by, and Megatron's own `OptimizerParamScheduler` (plain Python) sets the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

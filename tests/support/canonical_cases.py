@@ -10,9 +10,9 @@ import dataclasses
 
 import torch
 
+from lora_common import LoRAConfig
 from support import hf_llama, lora_helpers, peft_cases
 from support.outcomes import outcome
-from lora_common import LoRAConfig
 
 CANONICAL = LoRAConfig(r=4, alpha=8, canonical=True)   # all seven projections
 QV_ONLY = LoRAConfig(r=4, alpha=8, canonical=True, target_modules=["linear_q", "linear_v"])
@@ -113,10 +113,19 @@ def downstream_cases(out_dir: str, qv_peft_dir: str):
     modules and from a CPU copy of the named tensors, as slime syncs), adapter and dist
     checkpoints into TP=1, PEFT export; and a q/v-only PEFT adapter imported at rank r and
     exported again."""
-    from megatron_lora import (disable_lora, export_peft_adapter, import_peft_adapter,
-                               iter_merged_weights, load_dist_checkpoint, load_lora_checkpoint,
-                               merge_lora_weights, merged_weights, save_dist_checkpoint,
-                               save_lora_checkpoint, unmerge_lora_weights)
+    from megatron_lora import (
+        disable_lora,
+        export_peft_adapter,
+        import_peft_adapter,
+        iter_merged_weights,
+        load_dist_checkpoint,
+        load_lora_checkpoint,
+        merge_lora_weights,
+        merged_weights,
+        save_dist_checkpoint,
+        save_lora_checkpoint,
+        unmerge_lora_weights,
+    )
     from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}

@@ -18,8 +18,8 @@ import re
 
 import torch
 
-from support import hf_llama, tiny_mla
 from megatron_lora.interop import hf_mapping
+from support import hf_llama, tiny_mla
 
 CONFIG = dict(
     vocab_size=hf_llama.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from support import (hf_deepseek, hf_llama, lora_helpers, megatron_1699, peft_cases, tiny_gpt,
-                     tiny_mla)
 from lora_common import LoRAConfig
+from support import (
+    hf_deepseek,
+    hf_llama,
+    lora_helpers,
+    megatron_1699,
+    peft_cases,
+    tiny_gpt,
+    tiny_mla,
+)
 
 CONFIG = LoRAConfig(r=4, alpha=8, target_modules=tiny_mla.TARGETS + ("linear_fc1", "linear_fc2"))
 TE_LAYOUTS = [(2, True), (1, False), (2, False)]  # (2, False) last: it patches megatron-core
@@ -31,10 +38,17 @@ def full_adapters(model) -> dict[str, torch.Tensor]:
 def te_spec_cases(out_dir: str):
     """Per layout: families, attributes, B = 0, both routes, grads, 3 Adam steps, merge. The
     TP=2+SP model saves an adapter and a dist checkpoint, which TP=1 models load."""
-    from megatron_lora import (apply_lora_to_megatron_model, get_lora_parameters,
-                               load_dist_checkpoint, load_lora_checkpoint, lora_spec,
-                               mark_only_lora_as_trainable, merge_lora_weights,
-                               save_dist_checkpoint, save_lora_checkpoint)
+    from megatron_lora import (
+        apply_lora_to_megatron_model,
+        get_lora_parameters,
+        load_dist_checkpoint,
+        load_lora_checkpoint,
+        lora_spec,
+        mark_only_lora_as_trainable,
+        merge_lora_weights,
+        save_dist_checkpoint,
+        save_lora_checkpoint,
+    )
     from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
@@ -98,8 +112,12 @@ def deepseek_cases(out_dir: str, peft_dirs: list[str]):
     """At TP=2+SP on the local spec (with the #1699 fix, so training is TP=1's): the converted
     base equals HF; LoRA trained 3 steps and exported (live) for DeepseekV3ForCausalLM; each PEFT
     adapter imported fused and canonical."""
-    from megatron_lora import (export_peft_adapter, import_peft_adapter, lora_spec,
-                               mark_only_lora_as_trainable)
+    from megatron_lora import (
+        export_peft_adapter,
+        import_peft_adapter,
+        lora_spec,
+        mark_only_lora_as_trainable,
+    )
 
     megatron_1699.sum_shared_rope_key_grad()
     hf = hf_deepseek.build_hf_model()

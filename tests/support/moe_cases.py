@@ -9,10 +9,8 @@ import zlib
 
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
-from support import tiny_moe
 from lora_common import LoRAConfig
+from support import lora_helpers, tiny_gpt, tiny_moe
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 STEPS = 3
@@ -161,8 +159,13 @@ def implementation_cases():
     """For each expert implementation: base and B = 0 logits, the trainable count, merged and
     unmerged logits, the merged-weight stream against the merge, disable_lora against the base;
     and SequentialMLP against TEGroupedMLP for the same weights (logits, adapter grads)."""
-    from megatron_lora import (disable_lora, iter_merged_weights, mark_only_lora_as_trainable,
-                               merge_lora_weights, unmerge_lora_weights)
+    from megatron_lora import (
+        disable_lora,
+        iter_merged_weights,
+        mark_only_lora_as_trainable,
+        merge_lora_weights,
+        unmerge_lora_weights,
+    )
 
     use_layout("EP1")
     out = {}

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from support import moe_cases
-from support import tiny_gpt
 from lora_common import LoRAConfig
+from support import moe_cases, tiny_gpt
 
 
 def _model(layout: str, te: bool, expert_layout: str, **overrides):
@@ -25,8 +24,12 @@ def _state(model) -> dict:
 def reshard_cases(out_dir: str, te: bool, expert_layout: str, save_at: str, load_at: list[str]):
     """Save both checkpoints at `save_at` (B != 0), load each into a fresh model at every
     layout of `load_at`; the adapters and logits of each."""
-    from megatron_lora import (load_dist_checkpoint, load_lora_checkpoint, save_dist_checkpoint,
-                               save_lora_checkpoint)
+    from megatron_lora import (
+        load_dist_checkpoint,
+        load_lora_checkpoint,
+        save_dist_checkpoint,
+        save_lora_checkpoint,
+    )
 
     model = _model(save_at, te, expert_layout)
     moe_cases.set_nonzero_B(model)

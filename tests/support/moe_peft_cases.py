@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from support import hf_llama
-from support import hf_moe
-from support import moe_cases
 from lora_common import LoRAConfig
+from support import hf_llama, hf_moe, moe_cases
 
 
 def lora_gpt(hf, expert_layout: str, te: bool):

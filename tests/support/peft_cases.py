@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from support import hf_llama
-from support import lora_helpers
-from support.outcomes import outcome
 from lora_common import LoRAConfig
+from support import hf_llama, lora_helpers
+from support.outcomes import outcome
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 STEPS = 3
@@ -28,8 +27,13 @@ def cross_entropy_loss(model, step: int) -> torch.Tensor:
 def train_and_export(out_dir: str, model_type: str):
     """At TP=2: LoRA on the converted GPT, 3 Adam steps, then export to PEFT (live) and save an
     adapter checkpoint; our logits come back for the oracle comparison."""
-    from megatron_lora import (export_peft_adapter, gather_peft_adapter, lora_spec,
-                               mark_only_lora_as_trainable, save_lora_checkpoint)
+    from megatron_lora import (
+        export_peft_adapter,
+        gather_peft_adapter,
+        lora_spec,
+        mark_only_lora_as_trainable,
+        save_lora_checkpoint,
+    )
 
     hf = hf_model(model_type)
     spec = lora_spec(hf_llama.local_spec(hf.config), CONFIG)

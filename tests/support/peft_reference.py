@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from support import hf_llama, peft_cases
 from megatron_lora.interop import hf_mapping
+from support import hf_llama, peft_cases
 
 
 def hf_module(megatron_key: str) -> tuple[str, str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lora.layers.sharding import shard
 from support import tiny_gpt
 from support.compare import identity
-from megatron_lora.layers.sharding import shard
 
 HIDDEN = 64
 OUT = 96

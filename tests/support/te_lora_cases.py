@@ -8,9 +8,8 @@ import argparse
 
 import torch
 
-from support import lora_helpers
-from support import tiny_gpt
 from lora_common import LoRAConfig, add_lora_arguments
+from support import lora_helpers, tiny_gpt
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 

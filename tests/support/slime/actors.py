@@ -70,10 +70,9 @@ def build(args, port: int, *, role: str = "actor", with_ref: bool = False):
 def retire(actor) -> None:
     """Release what `init` set up process-wide, so that another actor can be built here."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core import num_microbatches_calculator as microbatches
+    from megatron.core import parallel_state
     from megatron.training import global_vars
-
     from slime.observability.timer import Timer
     from slime.utils import distributed_utils
 

@@ -155,7 +155,6 @@ class DeltaEngine(_Generation):
             return True
         import safetensors.numpy
         import zstandard
-
         from slime.utils.disk_delta import checksum
 
         version_dir = os.path.join(self.delta_dir, f"weight_v{target_version:06d}")

@@ -35,7 +35,6 @@ def rollout_batch(args, rollout_id: int, dp_size: int, rollout_log_probs=None):
     """`rollout_log_probs`: the engine's log-probs of each response (SGLang returns them with
     every generation), one tensor per sample in sample order."""
     import ray
-
     from slime.observability.rollout_data_utils import tensorize_rollout_data_for_training
     from slime.utils.dp_schedule import build_dp_schedule
     from slime.utils.misc import Box

@@ -43,7 +43,6 @@ def cpu_runtime() -> None:
     """megatron-core on CPU (`megatron_lora.runtime.cpu`), slime's CPU accelerator, and Megatron-LM's
     training code where it asks CUDA directly."""
     from megatron_lora.runtime import cpu
-
     from support.slime import cpu_accelerator
 
     cpu.enable()

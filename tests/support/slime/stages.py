@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from support.slime import actors, engines, rollout, runtime, tiny_qwen2
+from support.slime import actors, engines, rollout, runtime
 
 STRICTNESS = ["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
               "raise_all", "return_unexpected", "return_all", "ignore_all"]
@@ -96,7 +96,6 @@ def _load_base(actor, args, ckpt, strict, through_slime):
     (finetune, no optimizer/rng), through slime's `load_checkpoint` (the patched one) or
     Megatron-LM's own. Returns "loaded" or the error."""
     from megatron.training.checkpointing import load_checkpoint as megatron_load
-
     from slime.backends.megatron_utils.checkpoint import load_checkpoint as slime_load
 
     saved = {k: getattr(args, k) for k in ("load", "no_load_optim", "no_load_rng", "finetune",
@@ -143,7 +142,6 @@ def _capture_nccl_chunks(actor) -> dict[str, torch.Tensor]:
     """The HF chunks the NCCL sync (UpdateWeightFromDistributed) broadcasts to the engines:
     its patched loop (merge per shard, TP gather, HF conversion), before the broadcast."""
     from megatron.core import mpu
-
     from slime.backends.megatron_utils.update_weight.update_weight_from_distributed import (
         UpdateWeightFromDistributed,
     )
@@ -177,12 +175,11 @@ def _capture_adapter_colocated(actor, work) -> dict:
     between them every B of the backup doubled (a new adapter version). Also the PEFT export
     of the same model, to compare the payloads with."""
     import torch.distributed as dist
-
-    from megatron_lora import export_peft_adapter
-
     from slime.backends.megatron_utils.update_weight.update_weight_from_tensor import (
         UpdateWeightFromTensor,
     )
+
+    from megatron_lora import export_peft_adapter
 
     args = _adapter_mode(actor)
     export_peft_adapter(actor.model, f"{work}/peft-export")
@@ -225,7 +222,6 @@ def _capture_adapter_distributed(actor) -> dict:
     unmerged, and a sync after the first (the base already sent), whose adapter reaches a
     non-colocated engine over HTTP (no NCCL group is needed for it)."""
     from megatron.core import mpu
-
     from slime.backends.megatron_utils.update_weight.update_weight_from_distributed import (
         UpdateWeightFromDistributed,
     )
@@ -271,7 +267,6 @@ def _read_hf_folder(path) -> dict[str, torch.Tensor]:
 
 def _capture_disk(actor, work) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
-
     from slime.backends.megatron_utils.update_weight.update_weight_from_disk import (
         UpdateWeightFromDisk,
     )
@@ -289,7 +284,6 @@ def _capture_disk(actor, work) -> dict[str, torch.Tensor]:
 
 def _capture_delta(actor, work, hf) -> tuple[dict[str, torch.Tensor], list[int]]:
     import torch.distributed as dist
-
     from slime.backends.megatron_utils.update_weight.update_weight_from_disk_delta import (
         UpdateWeightFromDiskDelta,
     )

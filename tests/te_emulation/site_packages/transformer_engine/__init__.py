@@ -33,7 +33,9 @@ optimizers and cross entropy, context parallelism, sliding windows, the C++ exte
 
 from importlib import metadata
 
-from . import common  # noqa: F401
-from . import pytorch  # noqa: F401
+from . import (
+    common,  # noqa: F401
+    pytorch,  # noqa: F401
+)
 
 __version__ = str(metadata.version("transformer_engine"))

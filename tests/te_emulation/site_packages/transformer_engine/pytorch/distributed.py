@@ -8,7 +8,6 @@ generator states, since the emulation runs where there is no CUDA.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, ContextDecorator, contextmanager
-from typing import Dict
 
 import torch
 
@@ -16,16 +15,16 @@ from .quantization import FP8GlobalStateManager
 
 _FP8_ACTIVATION_RECOMPUTE_ENABLED = False
 _FP8_ACTIVATION_RECOMPUTE_PHASE = False
-_ALL_ACTIVE_RNG_STATES: Dict[str, torch.Tensor] = {}
+_ALL_ACTIVE_RNG_STATES: dict[str, torch.Tensor] = {}
 
 _MODEL_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride")
 
 
-def get_all_rng_states() -> Dict[str, torch.Tensor]:
+def get_all_rng_states() -> dict[str, torch.Tensor]:
     return _ALL_ACTIVE_RNG_STATES
 
 
-def set_all_rng_states(states: Dict[str, torch.Tensor]) -> None:
+def set_all_rng_states(states: dict[str, torch.Tensor]) -> None:
     global _ALL_ACTIVE_RNG_STATES
     _ALL_ACTIVE_RNG_STATES = states
 
@@ -93,17 +92,17 @@ class CudaRNGStatesTracker:
     Same contract as TE's tracker, with CPU generator states (`torch.get_rng_state`)."""
 
     def __init__(self):
-        self.states_: Dict[str, torch.Tensor] = {}
+        self.states_: dict[str, torch.Tensor] = {}
         self.seeds_ = set()
 
     def reset(self):
         self.states_ = {}
         self.seeds_ = set()
 
-    def get_states(self) -> Dict[str, torch.Tensor]:
+    def get_states(self) -> dict[str, torch.Tensor]:
         return dict(self.states_)
 
-    def set_states(self, states: Dict[str, torch.Tensor]) -> None:
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
         self.states_ = states
 
     def add(self, name: str, seed: int) -> None:

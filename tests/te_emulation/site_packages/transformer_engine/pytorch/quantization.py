@@ -15,7 +15,6 @@ the emulated modules refuse to build FP8 primary weights (not emulated).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional, Tuple, Union
 
 from ..common.recipe import (  # noqa: F401 - re-exported like TE
     CustomRecipe,
@@ -30,14 +29,14 @@ from ..common.recipe import (  # noqa: F401 - re-exported like TE
 from . import emulation
 
 
-def check_fp8_support() -> Tuple[bool, str]:
+def check_fp8_support() -> tuple[bool, str]:
     return True, ""
 
 
 check_mxfp8_support = check_nvfp4_support = check_fp8_block_scaling_support = check_fp8_support
 
 
-def check_recipe_support(recipe: Optional[Recipe]) -> None:
+def check_recipe_support(recipe: Recipe | None) -> None:
     """Every recipe is supported by the emulation."""
 
 
@@ -49,7 +48,7 @@ def get_default_fp8_recipe() -> Recipe:
 get_default_recipe = get_default_fp8_recipe
 
 
-def _availability(return_reason: bool = False) -> Union[bool, Tuple[bool, str]]:
+def _availability(return_reason: bool = False) -> bool | tuple[bool, str]:
     return (True, "") if return_reason else True
 
 
@@ -89,7 +88,7 @@ class FP8GlobalStateManager:
         cls.autocast_arguments = {}
 
     @classmethod
-    def is_fp8_available(cls) -> Tuple[bool, str]:
+    def is_fp8_available(cls) -> tuple[bool, str]:
         return check_fp8_support()
 
     is_mxfp8_available = is_fp8_block_scaling_available = is_nvfp4_available = is_fp8_available
@@ -181,7 +180,7 @@ class FP8GlobalStateManager:
 
 
 @contextmanager
-def quantized_model_init(enabled: bool = True, recipe: Optional[Recipe] = None,
+def quantized_model_init(enabled: bool = True, recipe: Recipe | None = None,
                          preserve_high_precision_init_val: bool = False):
     """Build modules with FP8 primary weights. The emulated modules raise inside it."""
     saved = (FP8GlobalStateManager.FP8_PARAMETERS, FP8GlobalStateManager.FP8_RECIPE,
@@ -197,7 +196,7 @@ def quantized_model_init(enabled: bool = True, recipe: Optional[Recipe] = None,
 
 
 @contextmanager
-def fp8_model_init(enabled: bool = True, recipe: Optional[Recipe] = None,
+def fp8_model_init(enabled: bool = True, recipe: Recipe | None = None,
                    preserve_high_precision_init_val: bool = False):
     """Deprecated alias of `quantized_model_init` (TE 2.11)."""
     with quantized_model_init(enabled=enabled, recipe=recipe,
@@ -206,7 +205,7 @@ def fp8_model_init(enabled: bool = True, recipe: Optional[Recipe] = None,
 
 
 @contextmanager
-def autocast(enabled: bool = True, calibrating: bool = False, recipe: Optional[Recipe] = None,
+def autocast(enabled: bool = True, calibrating: bool = False, recipe: Recipe | None = None,
              amax_reduction_group=None, _graph: bool = False):
     """Run the enclosed TE modules' GEMMs in FP8 (`recipe`), restoring the outer state on exit."""
     if enabled:
@@ -224,7 +223,7 @@ def autocast(enabled: bool = True, calibrating: bool = False, recipe: Optional[R
 
 @contextmanager
 def fp8_autocast(enabled: bool = True, calibrating: bool = False,
-                 fp8_recipe: Optional[Recipe] = None, fp8_group=None, _graph: bool = False):
+                 fp8_recipe: Recipe | None = None, fp8_group=None, _graph: bool = False):
     """Deprecated spelling of `autocast` (TE 2.11), the one megatron-core calls."""
     with autocast(enabled=enabled, calibrating=calibrating, recipe=fp8_recipe,
                   amax_reduction_group=fp8_group, _graph=_graph):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 
@@ -26,13 +26,13 @@ def init_method_constant(val: float) -> Callable:
     return init_
 
 
-def cast_if_needed(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def cast_if_needed(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if tensor is None or tensor.dtype == dtype:
         return tensor
     return tensor.to(dtype)
 
 
-def resolve_device(device: Union[torch.device, str, int, None]) -> torch.device:
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
     """TE allocates on `device` (default "cuda"); without CUDA the emulation uses the CPU."""
     if device is None:
         device = "cuda"

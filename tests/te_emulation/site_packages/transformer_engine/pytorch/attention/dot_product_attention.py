@@ -17,13 +17,13 @@ non-vanilla softmax, returning the max logit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from ..module.base import TransformerEngineBaseModule
 from ..distributed import get_distributed_world_size
+from ..module.base import TransformerEngineBaseModule
 
 
 def _causal_mask(sq: int, sk: int, bottom_right: bool, device) -> torch.Tensor:
@@ -38,25 +38,25 @@ class DotProductAttention(TransformerEngineBaseModule):
     def __init__(
         self,
         num_attention_heads: int,
-        kv_channels: Union[int, Tuple[int, int]],
-        num_gqa_groups: Optional[int] = None,
+        kv_channels: int | tuple[int, int],
+        num_gqa_groups: int | None = None,
         attention_dropout: float = 0.0,
         qkv_format: str = "sbhd",
         attn_mask_type: str = "causal",
-        window_size: Optional[Tuple[int, int]] = None,
+        window_size: tuple[int, int] | None = None,
         sequence_parallel: bool = False,
         tp_size: int = 1,
-        get_rng_state_tracker: Optional[Callable] = None,
+        get_rng_state_tracker: Callable | None = None,
         tp_group=None,
-        layer_number: Optional[int] = None,
+        layer_number: int | None = None,
         attention_type: str = "self",
         cp_group=None,
         cp_global_ranks=None,
         cp_stream=None,
         cp_comm_type: str = "p2p",
-        softmax_scale: Optional[float] = None,
+        softmax_scale: float | None = None,
         softmax_type: str = "vanilla",
-        return_max_logit: Optional[bool] = False,
+        return_max_logit: bool | None = False,
     ) -> None:
         super().__init__()
         if cp_group is not None and get_distributed_world_size(cp_group) > 1:
@@ -104,24 +104,24 @@ class DotProductAttention(TransformerEngineBaseModule):
         key_layer: torch.Tensor,
         value_layer: torch.Tensor,
         attention_mask=None,
-        qkv_format: Optional[str] = None,
+        qkv_format: str | None = None,
         cu_seqlens_q=None,
         cu_seqlens_kv=None,
         cu_seqlens_q_padded=None,
         cu_seqlens_kv_padded=None,
         max_seqlen_q=None,
         max_seqlen_kv=None,
-        attn_mask_type: Optional[str] = None,
+        attn_mask_type: str | None = None,
         window_size=None,
         checkpoint_core_attention: bool = False,
         core_attention_bias_type: str = "no_bias",
-        core_attention_bias: Optional[torch.Tensor] = None,
+        core_attention_bias: torch.Tensor | None = None,
         alibi_slopes=None,
         fast_zero_fill: bool = True,
         inference_params=None,
         pad_between_seqs=None,
-        fp8_output: Optional[bool] = False,
-        num_splits: Optional[int] = 1,
+        fp8_output: bool | None = False,
+        num_splits: int | None = 1,
     ) -> torch.Tensor:
         qkv_format = self.qkv_format if qkv_format is None else qkv_format
         if qkv_format not in ("sbhd", "bshd", "thd"):

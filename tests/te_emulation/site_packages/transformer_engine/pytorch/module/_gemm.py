@@ -10,12 +10,10 @@ megatron's DDP (`grad_added_to_main_grad`), a dummy wgrad is returned instead.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .. import emulation
 from ...common.recipe import Recipe
+from .. import emulation
 from .base import get_dummy_wgrad
 
 
@@ -62,8 +60,8 @@ class _BaseGemm(torch.autograd.Function):
         return dinp, dweight, dbias, None, None, None
 
 
-def base_gemm(inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
-              activation_dtype: torch.dtype, recipe: Optional[Recipe],
+def base_gemm(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+              activation_dtype: torch.dtype, recipe: Recipe | None,
               fuse_wgrad_accumulation: bool = False) -> torch.Tensor:
     """`inp @ weight.T + bias` over the last dim; FP8-rounded operands when `recipe` is set."""
     return _BaseGemm.apply(inp, weight, bias, activation_dtype, recipe, fuse_wgrad_accumulation)

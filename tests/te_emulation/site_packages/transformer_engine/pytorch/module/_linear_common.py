@@ -5,8 +5,6 @@ not model."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..distributed import get_distributed_world_size, set_tensor_model_parallel_attributes
@@ -24,7 +22,7 @@ def refuse_unemulated(*, parameters_split=None, delay_wgrad_compute=False, ub_fl
         raise NotImplementedError("Userbuffers comm+GEMM overlap (ub_*) is not emulated")
 
 
-def setup_parallelism(module, *, tp_group, tp_size: int, parallel_mode: Optional[str],
+def setup_parallelism(module, *, tp_group, tp_size: int, parallel_mode: str | None,
                       sequence_parallel: bool) -> None:
     """TE: the group's size wins over `tp_size`; the local weight shape follows the mode;
     sequence parallelism is only on when there is more than one TP rank."""

@@ -4,13 +4,11 @@ Backward is plain autograd through the same expression."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 
-def normalize(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+def normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
               normalization: str, zero_centered_gamma: bool) -> torch.Tensor:
     """Normalize over the last dim; returns x's dtype."""
     gamma = weight.float() + 1 if zero_centered_gamma else weight.float()

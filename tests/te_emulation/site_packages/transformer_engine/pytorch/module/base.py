@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 import torch
 
 from ..quantization import FP8GlobalStateManager
 from ..utils import get_default_init_method, resolve_device
 
-_dummy_wgrads: Dict[Any, torch.Tensor] = {}
+_dummy_wgrads: dict[Any, torch.Tensor] = {}
 
 
 def get_dummy_wgrad(shape: list, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
@@ -38,9 +39,9 @@ def get_dummy_wgrad(shape: list, dtype: torch.dtype, zero: bool = False) -> torc
 
 @dataclasses.dataclass
 class _ParameterInitMeta:
-    init_fn: Optional[Callable] = None
-    get_rng_state_tracker: Optional[Callable] = None
-    fp8_meta_index: Optional[int] = None
+    init_fn: Callable | None = None
+    get_rng_state_tracker: Callable | None = None
+    fp8_meta_index: int | None = None
 
     def __post_init__(self):
         if self.init_fn is None:
@@ -62,11 +63,11 @@ class TransformerEngineBaseModule(torch.nn.Module):
         self.tp_group = None
         self.tp_size = 1
         self.sequence_parallel = False
-        self.param_init_meta: Dict[str, _ParameterInitMeta] = {}
+        self.param_init_meta: dict[str, _ParameterInitMeta] = {}
         self.primary_weights_in_fp8 = False
         self.fsdp_wrapped = False
         self.fsdp_group = None
-        self.activation_dtype: Optional[torch.dtype] = None
+        self.activation_dtype: torch.dtype | None = None
         self.tp_group_initialized = False
 
     def register_parameter(self, name, param, **kwargs):
@@ -74,7 +75,7 @@ class TransformerEngineBaseModule(torch.nn.Module):
         if name not in self.param_init_meta:
             self.param_init_meta[name] = _ParameterInitMeta(**kwargs)
 
-    def reset_parameters(self, defer_init: Optional[bool] = False) -> None:
+    def reset_parameters(self, defer_init: bool | None = False) -> None:
         if defer_init:
             return
         for name, param in self.named_parameters(recurse=False):

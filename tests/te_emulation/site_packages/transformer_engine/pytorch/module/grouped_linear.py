@@ -22,7 +22,7 @@ with FP8, CPU offload.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -45,20 +45,20 @@ class GroupedLinear(TransformerEngineBaseModule):
         fuse_wgrad_accumulation: bool = False,
         tp_group=None,
         tp_size: int = 1,
-        get_rng_state_tracker: Optional[Callable] = None,
-        rng_tracker_name: Optional[str] = None,
-        init_method: Optional[Callable] = None,
+        get_rng_state_tracker: Callable | None = None,
+        rng_tracker_name: str | None = None,
+        init_method: Callable | None = None,
         bias: bool = True,
         return_bias: bool = False,
-        params_dtype: Optional[torch.dtype] = None,
-        parallel_mode: Optional[str] = None,
+        params_dtype: torch.dtype | None = None,
+        parallel_mode: str | None = None,
         device="cuda",
         ub_overlap_rs: bool = False,
         ub_overlap_ag: bool = False,
-        ub_name: Optional[str] = None,
+        ub_name: str | None = None,
         delay_wgrad_compute: bool = False,
         save_original_input: bool = False,
-        name: Optional[str] = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         params_dtype = torch.get_default_dtype() if params_dtype is None else params_dtype
@@ -129,8 +129,8 @@ class GroupedLinear(TransformerEngineBaseModule):
                 elif self.parallel_mode == "column":
                     set_tensor_model_parallel_attributes(bias, True, 0, 1)
 
-    def forward(self, inp: torch.Tensor, m_splits: List[int],
-                is_first_microbatch: Optional[bool] = None):
+    def forward(self, inp: torch.Tensor, m_splits: list[int],
+                is_first_microbatch: bool | None = None):
         assert len(m_splits) == self.num_gemms, "Number of splits should match number of GEMMs."
         weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
         biases = [getattr(self, f"bias{i}") for i in range(self.num_gemms)]

@@ -8,12 +8,12 @@ megatron-core 0.16 uses (0.19 passes `normalized_shape`).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 
-from ._norm import normalize
 from ..utils import resolve_device
+from ._norm import normalize
 
 
 def _norm_shape(normalized_shape, hidden_size) -> int:
@@ -33,10 +33,10 @@ def _norm_shape(normalized_shape, hidden_size) -> int:
 class _Norm(torch.nn.Module):
     normalization = ""
 
-    def __init__(self, normalized_shape: Union[Iterable[int], int, None] = None,
-                 eps: float = 1e-5, sequence_parallel: Optional[bool] = None,
-                 params_dtype: Optional[torch.dtype] = None, zero_centered_gamma: bool = False,
-                 hidden_size: Optional[int] = None, *, device=None, dtype=None, sm_margin=0):
+    def __init__(self, normalized_shape: Iterable[int] | int | None = None,
+                 eps: float = 1e-5, sequence_parallel: bool | None = None,
+                 params_dtype: torch.dtype | None = None, zero_centered_gamma: bool = False,
+                 hidden_size: int | None = None, *, device=None, dtype=None, sm_margin=0):
         super().__init__()
         size = _norm_shape(normalized_shape, hidden_size)
         dtype = dtype if dtype is not None else params_dtype
@@ -51,7 +51,7 @@ class _Norm(torch.nn.Module):
         if device.type != "meta":
             self.reset_parameters()
 
-    def reset_parameters(self, defer_init: Optional[bool] = None) -> None:
+    def reset_parameters(self, defer_init: bool | None = None) -> None:
         with torch.no_grad():
             self.weight.fill_(0.0 if self.zero_centered_gamma else 1.0)
             if self.normalization == "LayerNorm":

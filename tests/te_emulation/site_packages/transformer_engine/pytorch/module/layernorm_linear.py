@@ -14,10 +14,11 @@ forward, so it can be switched on for a built module):
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from collections.abc import Callable
 
 import torch
 
+from ..utils import cast_if_needed, init_method_constant, resolve_device
 from ._gemm import base_gemm
 from ._linear_common import (
     mark_weight_and_bias,
@@ -28,7 +29,6 @@ from ._linear_common import (
 from ._norm import normalize
 from ._tp_comm import column_parallel_input, discard_grad, row_parallel_output
 from .base import TransformerEngineBaseModule
-from ..utils import cast_if_needed, init_method_constant, resolve_device
 
 
 class LayerNormLinear(TransformerEngineBaseModule):
@@ -43,26 +43,26 @@ class LayerNormLinear(TransformerEngineBaseModule):
         fuse_wgrad_accumulation: bool = False,
         tp_group=None,
         tp_size: int = 1,
-        get_rng_state_tracker: Optional[Callable] = None,
-        init_method: Optional[Callable] = None,
+        get_rng_state_tracker: Callable | None = None,
+        init_method: Callable | None = None,
         bias: bool = True,
         normalization: str = "LayerNorm",
         return_bias: bool = False,
-        params_dtype: Optional[torch.dtype] = None,
-        parallel_mode: Optional[str] = None,
+        params_dtype: torch.dtype | None = None,
+        parallel_mode: str | None = None,
         return_layernorm_output: bool = False,
         return_layernorm_output_gathered: bool = False,
-        parameters_split: Optional[Union[Tuple[str, ...], Dict[str, int]]] = None,
+        parameters_split: tuple[str, ...] | dict[str, int] | None = None,
         zero_centered_gamma: bool = False,
-        device: Union[torch.device, str] = "cuda",
+        device: torch.device | str = "cuda",
         ub_overlap_ag: bool = False,
         ub_overlap_rs: bool = False,
         ub_overlap_rs_dgrad: bool = False,
         ub_bulk_wgrad: bool = False,
         ub_bulk_dgrad: bool = False,
-        ub_name: Optional[str] = None,
+        ub_name: str | None = None,
         delay_wgrad_compute: bool = False,
-        symmetric_ar_type: Optional[str] = None,
+        symmetric_ar_type: str | None = None,
         name: str = None,
     ) -> None:
         super().__init__()
@@ -119,8 +119,8 @@ class LayerNormLinear(TransformerEngineBaseModule):
                 self.layer_norm_bias.sequence_parallel = self.sequence_parallel
             mark_weight_and_bias(self)
 
-    def forward(self, inp: torch.Tensor, is_first_microbatch: Optional[bool] = None,
-                fp8_output: Optional[bool] = False, fp8_grad: Optional[bool] = False):
+    def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None,
+                fp8_output: bool | None = False, fp8_grad: bool | None = False):
         with self.prepare_forward(inp, allow_non_contiguous=False) as inp:
             ln_out = normalize(inp.to(self.activation_dtype), self.layer_norm_weight,
                                self.layer_norm_bias, self.eps, self.normalization,

@@ -11,10 +11,11 @@ forward(inp) -> out, or (out, bias) with return_bias:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from collections.abc import Callable
 
 import torch
 
+from ..utils import cast_if_needed, resolve_device
 from ._gemm import base_gemm
 from ._linear_common import (
     mark_weight_and_bias,
@@ -24,7 +25,6 @@ from ._linear_common import (
 )
 from ._tp_comm import column_parallel_input, row_parallel_output
 from .base import TransformerEngineBaseModule
-from ..utils import cast_if_needed, resolve_device
 
 
 class Linear(TransformerEngineBaseModule):
@@ -38,25 +38,25 @@ class Linear(TransformerEngineBaseModule):
         fuse_wgrad_accumulation: bool = False,
         tp_group=None,
         tp_size: int = 1,
-        get_rng_state_tracker: Optional[Callable] = None,
-        rng_tracker_name: Optional[str] = None,
-        init_method: Optional[Callable] = None,
+        get_rng_state_tracker: Callable | None = None,
+        rng_tracker_name: str | None = None,
+        init_method: Callable | None = None,
         bias: bool = True,
         return_bias: bool = False,
-        params_dtype: Optional[torch.dtype] = None,
-        parallel_mode: Optional[str] = None,
-        parameters_split: Optional[Union[Tuple[str, ...], Dict[str, int]]] = None,
-        device: Union[torch.device, str] = "cuda",
+        params_dtype: torch.dtype | None = None,
+        parallel_mode: str | None = None,
+        parameters_split: tuple[str, ...] | dict[str, int] | None = None,
+        device: torch.device | str = "cuda",
         ub_overlap_ag: bool = False,
         ub_overlap_rs: bool = False,
         ub_overlap_rs_dgrad: bool = False,
         ub_bulk_dgrad: bool = False,
         ub_bulk_wgrad: bool = False,
-        ub_name: Optional[str] = None,
+        ub_name: str | None = None,
         delay_wgrad_compute: bool = False,
-        symmetric_ar_type: Optional[str] = None,
+        symmetric_ar_type: str | None = None,
         save_original_input: bool = False,
-        name: Optional[str] = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         params_dtype = torch.get_default_dtype() if params_dtype is None else params_dtype
@@ -91,8 +91,8 @@ class Linear(TransformerEngineBaseModule):
         if not defer_init:
             mark_weight_and_bias(self)
 
-    def forward(self, inp: torch.Tensor, is_first_microbatch: Optional[bool] = None,
-                fp8_output: Optional[bool] = False, fp8_grad: Optional[bool] = False):
+    def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None,
+                fp8_output: bool | None = False, fp8_grad: bool | None = False):
         with self.prepare_forward(inp, allow_non_contiguous=False) as inp:
             x = inp
             if self.parallel_mode == "column":
