@@ -13,12 +13,14 @@ venv-compat:
 demo: venv
 	.venv/bin/megatron-lora demo $(DEMO_ARGS)
 
-## make test: the whole suite on Python 3.11, torch 2.13.0, megatron-core 0.16.1
+## make test: ruff check ., then the whole suite on Python 3.11, torch 2.13.0, megatron-core 0.16.1
 test: venv
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
-## make test-compat: the same suite on Python 3.12, torch 2.14.1, megatron-core 0.19.2
+## make test-compat: ruff check ., then the same suite on Python 3.12, torch 2.14.1, megatron-core 0.19.2
 test-compat: venv-compat
+	.venv-compat/bin/ruff check .
 	.venv-compat/bin/python -m pytest $(PYTEST_ARGS)
 
 ## make bench: CPU benchmarks (not part of make test); writes benchmarks/results.json, RESULTS.md, results.png

@@ -48,7 +48,8 @@ def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str
     for pattern in config.exclude_modules:
         if not any(_matches(name, pattern) for name, _ in hf_named):
             raise ValueError(f"LoRA exclude_modules entry {pattern!r} matches no module of "
-                             f"{model_kind}; its linear layers are named: {_linear_names(hf_named)}")
+                             f"{model_kind}; its linear layers are named: "
+                             f"{_linear_names(hf_named)}")
     return [(path, name, module) for path, name, module in named
             if any(_matches(name, t) for t in config.target_modules)
             and not any(_matches(name, e) for e in config.exclude_modules)]
@@ -58,7 +59,8 @@ def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module
     """Add LoRA adapters to `model` in place (and return it), before FSDP wrapping.
 
     `args_or_config` is a `LoRAConfig`, an argparse namespace with the `--lora-*` flags
-    (`LoRAConfig.from_args`) or a mapping of `LoRAConfig` fields (`LoRAConfig.from_dict`). `target_modules=None` adapts the seven Llama projections
+    (`LoRAConfig.from_args`) or a mapping of `LoRAConfig` fields (`LoRAConfig.from_dict`).
+    `target_modules=None` adapts the seven Llama projections
     (`HF_TARGET_MODULES`). The model may live on the meta device: A and B are then drawn when
     it is materialized (`to_empty`, FSDP1's `reset_parameters`), identically on every rank.
     With `only_trainable`, every non-LoRA parameter is frozen.

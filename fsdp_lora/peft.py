@@ -81,7 +81,8 @@ def _check_fits(layers: dict[str, LoRALinear], adapter) -> None:
                 f"{adapter.directory / ADAPTER_CONFIG_FILE}: r={adapter.r}, "
                 f"lora_alpha={adapter.alpha}, use_rslora={adapter.use_rslora} (scaling "
                 f"{adapter.scaling:g}) but {name} was built with r={r}, scaling "
-                f"{layer.lora_scaling:g}; build the model with read_peft_adapter(dir).lora_config()")
+                f"{layer.lora_scaling:g}; build the model with "
+                f"read_peft_adapter(dir).lora_config()")
         lora_a, lora_b = adapter.adapters[name]
         for factor, tensor, expected in (("A", lora_a, (r, layer.in_features)),
                                          ("B", lora_b, (layer.out_features, r))):

@@ -70,7 +70,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically (adapters are small enough to serialize in memory)."""
+    """`safetensors.torch.save_file`, atomically (adapters are small enough to serialize in
+    memory)."""
     from safetensors.torch import save
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}

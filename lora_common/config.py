@@ -46,7 +46,8 @@ def _names(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | N
     names = tuple(value)
     for name in names:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"LoRAConfig.{field}: every entry must be a non-empty string, got {name!r}")
+            raise ValueError(f"LoRAConfig.{field}: every entry must be a non-empty string, "
+                             f"got {name!r}")
     return tuple(sorted(set(names)))
 
 
@@ -82,7 +83,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         # frozen: normalize through object.__setattr__ before validating.
         object.__setattr__(self, "target_modules", _names(self.target_modules, "target_modules"))
-        object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules") or ())
+        object.__setattr__(self, "exclude_modules",
+                           _names(self.exclude_modules, "exclude_modules") or ())
         self._validate()
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", target_names.normalize_targets(
@@ -150,7 +152,8 @@ class LoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            raise ValueError(f"LoRAConfig: unknown field(s) {unknown}; "
+                             f"known fields are {sorted(known)}")
         missing = sorted(known - set(data) - set(ADDED_FIELDS))
         if require_all and missing:
             raise ValueError(f"LoRAConfig: missing field(s) {missing}")

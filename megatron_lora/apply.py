@@ -33,7 +33,8 @@ from megatron_lora.targets import selectable_names, selecting
 def apply_lora_to_megatron_model(model, args_or_config) -> Any:
     """Add LoRA to a built Megatron model (one module, or a list of virtual-pipeline chunks)
     in place and return it. `args_or_config`: a `LoRAConfig`, an argparse namespace of
-    `--lora-*` flags, or a mapping of `LoRAConfig` fields. Apply before wrapping in DDP: the new parameters must exist when
+    `--lora-*` flags, or a mapping of `LoRAConfig` fields. Apply before wrapping in DDP: the
+    new parameters must exist when
     DDP allocates its grad buffers. Freezes every non-LoRA parameter when `only_trainable`.
     Applying the same config twice is a no-op; another config raises."""
     config = LoRAConfig.coerce(args_or_config, "apply_lora_to_megatron_model").resolve_targets(
@@ -109,7 +110,8 @@ def _check_not_wrapped(chunks: Iterable[torch.nn.Module]) -> None:
         if wrapped:
             where = "" if wrapped is True else f" (parameter {wrapped!r} has a DDP main_grad)"
             raise ValueError(f"apply_lora_to_megatron_model: the model is already wrapped in "
-                             f"Megatron DDP{where}; apply LoRA to the unwrapped model, then wrap it")
+                             f"Megatron DDP{where}; apply LoRA to the unwrapped model, "
+                             f"then wrap it")
 
 
 def get_lora_parameters(model) -> dict[str, torch.nn.Parameter]:

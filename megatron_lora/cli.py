@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     export = commands.add_parser("export-peft", help="convert an adapter checkpoint to PEFT")
-    export.add_argument("checkpoint", help="adapter checkpoint (.safetensors) from save_lora_checkpoint")
-    export.add_argument("out", help="folder to write adapter_config.json and adapter_model.safetensors")
+    export.add_argument("checkpoint",
+                        help="adapter checkpoint (.safetensors) from save_lora_checkpoint")
+    export.add_argument("out",
+                        help="folder to write adapter_config.json and adapter_model.safetensors")
     export.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
     export.add_argument("--architecture", default="LlamaForCausalLM",
                         help="HF architecture of the base model (Llama family, "

@@ -148,7 +148,8 @@ def run_demo(args):
     with megatron_lora.disable_lora(model):
         disabled_a = _eval(model, "A", args)
     megatron_lora.save_lora_checkpoint(model, out / "adapter.safetensors")
-    megatron_lora.export_peft_adapter(model, out / "peft", base_model_name_or_path="megatron-lora-demo")
+    megatron_lora.export_peft_adapter(model, out / "peft",
+                                      base_model_name_or_path="megatron-lora-demo")
     if rank0:
         _plot(base_losses, lora_losses, out / "loss.png")
         summary = {
@@ -237,10 +238,12 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     flag (the CLI prints it as one line)."""
     for flag in ("steps", "base_steps", "tp", "hidden", "layers", "heads", "vocab", "seq", "batch"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(args, flag)}")
     for flag in ("lr", "base_lr"):
         if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
+                             f"got {getattr(args, flag)}")
     if not 0 <= args.lr_warmup_fraction < 1:
         raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
     if args.hidden % args.heads or args.heads % args.tp or args.vocab % args.tp \

@@ -20,7 +20,8 @@ from support.outcomes import assert_raised
 R, ALPHA = canonical_cases.CANONICAL.r, canonical_cases.CANONICAL.alpha
 SCALING = ALPHA / R
 # fp32 on CPU, 5 Adam steps: the two stacks sum in another order; Adam normalizes each step, so
-# the differences stay at rounding level (measured: losses 1e-7 relative, adapters 7e-7, deltas 3e-7).
+# the differences stay at rounding level (measured: losses 1e-7 relative, adapters 7e-7,
+# deltas 3e-7).
 LOSS_RTOL, ADAPTER_ATOL = 1e-6, 5e-6
 
 

@@ -149,7 +149,8 @@ def adapter_mismatches(tmp):
         "alpha": lambda t, h: h["lora_config"].update(alpha=16.0),
         "geometry": lambda t, h: h["geometry"].update(ffn_hidden_size=128),
         "missing": lambda t, h: t.pop(qkv_b),
-        "extra": lambda t, h: t.update({"decoder.layers.9.mlp.linear_fc2.lora_A.weight": torch.zeros(4, 96)}),
+        "extra": lambda t, h: t.update(
+            {"decoder.layers.9.mlp.linear_fc2.lora_A.weight": torch.zeros(4, 96)}),
         "shape": lambda t, h: t.update({qkv_b: torch.zeros(t[qkv_b].shape[0] - 16, 4)}),
     }
     model = lora_model(lora_seed=9)

@@ -33,7 +33,8 @@ def test_scaling_plain_and_rslora():
 
 
 def test_targets_resolve_to_the_backend_default_only_when_unset():
-    assert LoRAConfig().resolve_targets(MEGATRON_TARGET_MODULES).target_modules == MEGATRON_TARGET_MODULES
+    assert (LoRAConfig().resolve_targets(MEGATRON_TARGET_MODULES).target_modules
+            == MEGATRON_TARGET_MODULES)
     assert LoRAConfig().resolve_targets(HF_TARGET_MODULES).target_modules == HF_TARGET_MODULES
     mine = LoRAConfig(target_modules="linear_qkv, linear_proj")
     assert mine.target_modules == ("linear_proj", "linear_qkv")  # a set, kept sorted

@@ -82,7 +82,8 @@ def strictness_cases(tmp):
                 out[(hook, strict, source)] = {
                     "outcome": outcome, "missing": missing,
                     "loss": tiny_gpt.loss(model).item(),
-                    "adapters_kept": all(torch.equal(v, _adapters(model)[k]) for k, v in init.items()),
+                    "adapters_kept": all(torch.equal(v, _adapters(model)[k])
+                                         for k, v in init.items()),
                     "adapters": _adapters(model)}
 
     # Under the hook, the strictness still guards every other tensor.
@@ -102,7 +103,7 @@ def strictness_cases(tmp):
          and b.global_offset[:2] == w.global_offset[:2]
          and b.axis_fragmentations[:2] == w.axis_fragmentations[:2]
          and b.global_shape[:2] == w.global_shape[:2] and b.global_shape[2] == CONFIG.r)
-        for b, w in zip(b_halves, w_halves)]
+        for b, w in zip(b_halves, w_halves, strict=False)]
     return out
 
 

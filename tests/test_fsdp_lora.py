@@ -207,7 +207,7 @@ def test_layer_gradients_equal_autograd_of_the_plain_formula(base_trains):
     plain = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.lora_scaling * (
         x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     expected = torch.autograd.grad(plain, params, grad)
-    for name, a, b in zip(["x", "A", "B", "W", "b"], ours, expected):
+    for name, a, b in zip(["x", "A", "B", "W", "b"], ours, expected, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     assert torch.autograd.gradcheck(lambda v: layer(v), (x,))
 
@@ -249,7 +249,9 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
 
     merge_lora_weights(ours)
     merged_once = {n: p.clone() for n, p in ours.named_parameters()}
-    with pytest.raises(RuntimeError, match=r"merge_lora_weights: 14 LoRA module\(s\) are merged \(unmerge_lora_weights first\), e.g. 'model.layers.0.self_attn.q_proj'"):
+    with pytest.raises(RuntimeError, match=r"merge_lora_weights: 14 LoRA module\(s\) are merged "
+                                           r"\(unmerge_lora_weights first\), "
+                                           r"e.g. 'model.layers.0.self_attn.q_proj'"):
         merge_lora_weights(ours)                   # refused before adding anything twice
     for name, value in ours.named_parameters():
         assert_same(value, merged_once[name], f"{name} after the refused merge")
@@ -264,7 +266,8 @@ def test_merged_weights_equal_peft_merge_and_unload_and_unmerge_restores():
     for name, value in ours.named_parameters():
         torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(ours), lora_logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match=r"unmerge_lora_weights: 14 LoRA module\(s\) are not merged"):
+    with pytest.raises(RuntimeError,
+                       match=r"unmerge_lora_weights: 14 LoRA module\(s\) are not merged"):
         unmerge_lora_weights(ours)
 
 
@@ -402,7 +405,8 @@ def test_unknown_target_lists_the_linear_names():
 
 def test_non_linear_target_and_unknown_exclude_are_refused_before_any_swap():
     model = build_llama()
-    with pytest.raises(ValueError, match=r"'model.embed_tokens' \(Embedding\); LoRA adapts nn.Linear"):
+    with pytest.raises(ValueError,
+                       match=r"'model.embed_tokens' \(Embedding\); LoRA adapts nn.Linear"):
         apply_lora_to_fsdp_model(model, LoRAConfig(target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(ValueError, match="exclude_modules entry 'q_prj' matches no module"):
         apply_lora_to_fsdp_model(model, LoRAConfig(exclude_modules=["q_prj"]))

@@ -1,6 +1,7 @@
-"""`megatron_lora.interop.hf_mapping` against real transformers and megatron-core: the name mapping names
-real modules, the fused layouts are the ones Megatron computes with, and a Megatron GPTModel
-converted through them computes the HF model's logits at TP=1, TP=2 and TP=2 with SP."""
+"""`megatron_lora.interop.hf_mapping` against real transformers and megatron-core: the name
+mapping names real modules, the fused layouts are the ones Megatron computes with, and a
+Megatron GPTModel converted through them computes the HF model's logits at TP=1, TP=2 and
+TP=2 with SP."""
 
 import re
 
@@ -57,7 +58,8 @@ def test_split_fc1_is_gate_then_up_and_shards_as_megatron_stores_it():
 
 
 def test_layout_errors_name_the_culprit():
-    with pytest.raises(ValueError, match=r"split_qkv fused tensor: expected 24 rows .* got shape \(20, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"split_qkv fused tensor: expected 24 rows .* got shape \(20, 3\)"):
         split_qkv(torch.zeros(20, 3), 4, 2, 3)
     with pytest.raises(ValueError, match="5 heads do not divide into 2 groups"):
         split_qkv(torch.zeros(27), 5, 2, 3)
@@ -112,7 +114,8 @@ def test_mapping_names_the_real_hf_modules_and_their_extras(model_type):
     # The four targets name exactly the Linear modules of the decoder layers.
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
     mapped = {n for layer in range(model.config.num_hidden_layers)
-              for target in MEGATRON_TARGET_MODULES for n in hf_mapping.hf_module_names(layer, target)}
+              for target in MEGATRON_TARGET_MODULES
+              for n in hf_mapping.hf_module_names(layer, target)}
     assert mapped == linears
     for name in linears:
         layer, leaf = hf_mapping.parse_hf_module("base_model.model." + name)
@@ -123,8 +126,10 @@ def test_target_module_names_round_trip():
     assert hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES) == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # HF order
     assert sorted(hf_mapping.hf_target_modules(MEGATRON_TARGET_MODULES)) == list(HF_TARGET_MODULES)
-    assert hf_mapping.hf_target_modules(["linear_fc2", "linear_qkv"]) == ["q_proj", "k_proj", "v_proj", "down_proj"]
-    assert {hf_mapping.megatron_target(leaf) for leaf in HF_TARGET_MODULES} == set(MEGATRON_TARGET_MODULES)
+    assert hf_mapping.hf_target_modules(["linear_fc2", "linear_qkv"]) == [
+        "q_proj", "k_proj", "v_proj", "down_proj"]
+    assert ({hf_mapping.megatron_target(leaf) for leaf in HF_TARGET_MODULES}
+            == set(MEGATRON_TARGET_MODULES))
     for target in MEGATRON_TARGET_MODULES:
         name = "module.module." + hf_mapping.megatron_module_name(3, target)
         assert hf_mapping.parse_megatron_module(name) == (3, target)
@@ -145,7 +150,8 @@ def test_te_spec_fused_norm_names_map_like_the_local_spec_norms():
     assert hf_llama.hf_param("decoder.layers.1.mlp.linear_fc1.layer_norm_weight").hf_names == (
         "model.layers.1.post_attention_layernorm.weight",)
     qkv_bias = hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv.bias")
-    assert qkv_bias.target == "linear_qkv" and qkv_bias.hf_names[2] == "model.layers.0.self_attn.v_proj.bias"
+    assert qkv_bias.target == "linear_qkv"
+    assert qkv_bias.hf_names[2] == "model.layers.0.self_attn.v_proj.bias"
     with pytest.raises(ValueError, match="no HF Llama-family counterpart for Megatron parameter "
                                          "'decoder.layers.0.self_attention.linear_qkv._extra_state'"):
         hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv._extra_state")
@@ -157,9 +163,12 @@ def test_geometry_round_trips_and_rejects_bad_headers():
                                 num_query_groups=2, kv_channels=32, ffn_hidden_size=96)
     assert Geometry.from_dict(geometry.to_dict()) == geometry
     assert Geometry.from_hf(hf_llama.hf_config("qwen2")).kv_channels == 16  # no head_dim: 64 / 4
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['heads'\], missing field\(s\) \['num_attention_heads'\]"):
-        Geometry.from_dict({**{k: v for k, v in geometry.to_dict().items() if k != "num_attention_heads"}, "heads": 4})
-    with pytest.raises(ValueError, match="num_attention_heads 4 is not a multiple of num_query_groups 3"):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['heads'\], "
+                                         r"missing field\(s\) \['num_attention_heads'\]"):
+        Geometry.from_dict({**{k: v for k, v in geometry.to_dict().items()
+                               if k != "num_attention_heads"}, "heads": 4})
+    with pytest.raises(ValueError,
+                       match="num_attention_heads 4 is not a multiple of num_query_groups 3"):
         Geometry(2, 64, 4, 3, 16, 96)
     with pytest.raises(ValueError, match="Geometry.kv_channels must be a positive int, got 0"):
         Geometry(2, 64, 4, 2, 0, 96)
@@ -193,15 +202,16 @@ def per_head_qkv_of_both(hf_model, gpt):
     kv = (slice(rank * groups // tp, (rank + 1) * groups // tp) if groups >= tp
           else slice(rank // (tp // groups), rank // (tp // groups) + 1))
     expected = (theirs[0][:, :, q_heads], theirs[1][:, :, kv], theirs[2][:, :, kv])
-    return list(zip(ours, expected))
+    return list(zip(ours, expected, strict=True))
 
 
 def naive_qkv_logits(hf_model, input_ids):
     """Logits of a conversion that fuses q/k/v as plain [q; k; v] (the NeMo 2 mistake)."""
     gpt = hf_llama.gpt_from_hf(hf_model)
     with torch.no_grad():
-        for layer, attention in zip(gpt.decoder.layers, hf_model.model.layers):
-            projections = (attention.self_attn.q_proj, attention.self_attn.k_proj, attention.self_attn.v_proj)
+        for layer, attention in zip(gpt.decoder.layers, hf_model.model.layers, strict=True):
+            projections = (attention.self_attn.q_proj, attention.self_attn.k_proj,
+                           attention.self_attn.v_proj)
             layer.self_attention.linear_qkv.weight.copy_(torch.cat([p.weight for p in projections]))
     return hf_llama.gpt_logits(gpt, input_ids)
 
@@ -229,7 +239,8 @@ def conversions_at_every_layout():
     out["geometry"] = (Geometry.from_megatron(gpt.config), Geometry.from_hf(llama.config))
     out["megatron_decoder_linears"] = {
         name for name, module in gpt.named_modules()
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name.startswith("decoder.")}
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        and name.startswith("decoder.")}
     # A LoRA parameter beside the base weights is left alone.
     qkv = gpt.decoder.layers[0].self_attention.linear_qkv
     qkv.lora_A = torch.nn.Linear(1, 1, bias=False)
@@ -250,7 +261,8 @@ def conversions():
 
 
 @pytest.mark.parametrize("model_type", list(hf_llama.VARIANTS))
-@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-sp"])
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)],
+                         ids=["tp1", "tp2", "tp2-sp"])
 def test_converted_gpt_logits_equal_hf_logits(conversions, model_type, tp, sp):
     for rank in conversions:
         expected, actual = rank["logits"][model_type, tp, sp]

@@ -19,7 +19,8 @@ def build_and_compare():
     for tp, sp in LAYOUTS:
         initialize_model_parallel(tp=tp)
         plain = tiny_gpt.build_gpt(sequence_parallel=sp)
-        spec_model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), sequence_parallel=sp)
+        spec_model = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG),
+                                        sequence_parallel=sp)
         posthoc = apply_lora_to_megatron_model(tiny_gpt.build_gpt(sequence_parallel=sp), CONFIG)
         plain_state, spec_state = tiny_gpt.full_state(plain), tiny_gpt.full_state(spec_model)
         lora = get_lora_parameters(spec_model)

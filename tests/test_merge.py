@@ -62,7 +62,8 @@ def merge_cases():
         r["stream"] = stream
         r["base"] = base
         r["after_stream"] = {n: params[n].detach().clone() for n in base}
-        r["stream_full"] = {n: lora_helpers.full_tensor_like(v, params[n]) for n, v in stream.items()}
+        r["stream_full"] = {n: lora_helpers.full_tensor_like(v, params[n])
+                            for n, v in stream.items()}
 
         # disable_lora: the base model, nested, restored after an exception. Each pair is
         # (the LoRA model's logits, the plain model's).

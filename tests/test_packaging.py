@@ -33,7 +33,8 @@ def build():
 
 x = torch.randn(3, 8)
 base = build()
-model = fl.apply_lora_to_fsdp_model(build(), fl.LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+model = fl.apply_lora_to_fsdp_model(
+    build(), fl.LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
 assert torch.equal(model(x), base(x))
 params = fl.get_lora_parameters(model)
 optimizer = torch.optim.AdamW(params.values(), lr=0.1)
@@ -50,7 +51,8 @@ assert torch.equal(model[0].q_proj.weight, merged["0.q_proj.weight"])
 fl.unmerge_lora_weights(model)
 folder = tempfile.mkdtemp()
 fl.save_peft_adapter(model, folder)
-fresh = fl.apply_lora_to_fsdp_model(build(), fl.LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+fresh = fl.apply_lora_to_fsdp_model(
+    build(), fl.LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
 fl.load_peft_adapter(fresh, folder)
 assert torch.allclose(fresh(x), trained, atol=1e-6)
 assert sys.modules["megatron"] is None and not any(m.startswith("megatron.") for m in sys.modules)
@@ -62,7 +64,8 @@ def test_fsdp_lora_works_without_megatron_core():
     result = subprocess.run([sys.executable, "-c", FSDP_LORA_WITHOUT_MEGATRON],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    names = [f"{b}.{m}.{p}" for b in "01" for m in ("out", "q_proj", "v_proj") for p in ("bias", "weight")]
+    names = [f"{b}.{m}.{p}" for b in "01" for m in ("out", "q_proj", "v_proj")
+             for p in ("bias", "weight")]
     lora = [f"{b}.{m}.lora_{f}.weight" for b in "01" for m in ("q_proj", "v_proj") for f in "AB"]
     assert result.stdout.strip() == f"{sorted(lora)} {sorted(names)}"
 

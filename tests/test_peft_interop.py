@@ -74,7 +74,8 @@ def test_adapter_config_is_peft_format(exported):
     assert config["base_model_name_or_path"] == "tiny-llama" and config["task_type"] == "CAUSAL_LM"
     tensors = load_file(out / "peft_live" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in tensors
-    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
+    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (
+        32, 4)
 
 
 def test_offline_export_equals_live_export(exported, tmp_path):
@@ -127,7 +128,8 @@ def test_peft_adapter_imports_exactly_at_tp1_and_tp2(peft_adapters):
     full = ranks[0][(1, False, peft_adapters[0])]
     # q, k, v (rank 4 each) fuse to rank 12; every adapter is brought to that rank.
     assert full["config"].r == 12 and full["config"].alpha == 48.0
-    assert full["lora_shapes"]["decoder.layers.0.self_attention.linear_qkv.lora_A.weight"] == (12, 64)
+    assert full["lora_shapes"]["decoder.layers.0.self_attention.linear_qkv.lora_A.weight"] == (
+        12, 64)
     qv = ranks[0][(1, False, peft_adapters[1])]["config"]
     assert qv.r == 16 and qv.use_rslora and qv.target_modules == ("linear_qkv",)
 
@@ -164,7 +166,8 @@ def test_unknown_architecture_is_refused(exported, tmp_path):
 
     out, _ = exported
     with pytest.raises(ValueError, match="unknown architecture GPT2LMHeadModel"):
-        export_peft_adapter(out / "adapter.safetensors", tmp_path / "x", architecture="GPT2LMHeadModel")
+        export_peft_adapter(out / "adapter.safetensors", tmp_path / "x",
+                            architecture="GPT2LMHeadModel")
 
 
 def test_ranks_over_the_serving_limit_warn(exported, tmp_path):
@@ -173,7 +176,8 @@ def test_ranks_over_the_serving_limit_warn(exported, tmp_path):
 
     out, _ = exported
     assert serving_warnings(16) == [] and serving_warnings(12) == []
-    assert "vLLM's default --max-lora-rank 16: serve with vLLM --max-lora-rank 32" in serving_warnings(17)[0]
+    assert ("vLLM's default --max-lora-rank 16: serve with vLLM --max-lora-rank 32"
+            in serving_warnings(17)[0])
     assert "vLLM cannot serve" in serving_warnings(1024)[0]
     checkpoint = read_lora_checkpoint(out / "adapter.safetensors")
     import dataclasses
@@ -183,8 +187,9 @@ def test_ranks_over_the_serving_limit_warn(exported, tmp_path):
         warnings.simplefilter("error")
         export_checkpoint(big, tmp_path / "r4")  # rank 4: no warning
         with pytest.raises(UserWarning, match="max-lora-rank"):
-            export_checkpoint(dataclasses.replace(big, config=dataclasses.replace(big.config, r=64)),
-                              tmp_path / "r64")
+            export_checkpoint(
+                dataclasses.replace(big, config=dataclasses.replace(big.config, r=64)),
+                tmp_path / "r64")
 
 
 def test_cli_inspect_and_export(exported, tmp_path):
@@ -199,7 +204,9 @@ def test_cli_inspect_and_export(exported, tmp_path):
 
     assert main(["export-peft", str(out / "adapter.safetensors"), str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "adapter_config.json").is_file()
-    result = subprocess.run([str(cli), "inspect", str(tmp_path / "cli")], capture_output=True, text=True)
+    result = subprocess.run([str(cli), "inspect", str(tmp_path / "cli")],
+                            capture_output=True, text=True)
     assert "PEFT LoRA adapter" in result.stdout and "q_proj" in result.stdout
-    result = subprocess.run([str(cli), "inspect", str(tmp_path / "nothing")], capture_output=True, text=True)
+    result = subprocess.run([str(cli), "inspect", str(tmp_path / "nothing")],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "no adapter checkpoint at" in result.stderr

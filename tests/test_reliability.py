@@ -152,11 +152,14 @@ def test_the_merged_state_is_refused_by_every_load_and_save(megatron_seen):
     assert_refused(s["import_peft_merged"], "RuntimeError",
                    r"import_peft_adapter: 8 LoRA module\(s\) are merged")
     assert_refused(s["save_dist_merged"], "RuntimeError",
-                   r"decoder.layers.0.self_attention.linear_(qkv|proj): LoRA is merged .* applied twice")
+                   r"decoder.layers.0.self_attention.linear_(qkv|proj): "
+                   r"LoRA is merged .* applied twice")
     assert_refused(s["load_dist_merged"], "RuntimeError",
-                   r"decoder.layers.0.self_attention.linear_(qkv|proj): LoRA is merged into the weight")
+                   r"decoder.layers.0.self_attention.linear_(qkv|proj): "
+                   r"LoRA is merged into the weight")
     assert_refused(s["merged_weights_rank"], "ValueError",
-                   r"linear_qkv.lora_A.weight \(2, 64\) has rank 2; the model's LoRA modules have r=4")
+                   r"linear_qkv.lora_A.weight \(2, 64\) has rank 2; "
+                   r"the model's LoRA modules have r=4")
 
 
 def test_fsdp_load_into_a_merged_model_is_refused(tmp_path):
@@ -298,7 +301,8 @@ def test_the_checkpoint_header_is_protected_and_every_field_named(adapter_file, 
 
     unsigned = tmp_path / "no_geometry.safetensors"
     rewrite_header(adapter_file, unsigned, drop_geometry)
-    with pytest.raises(ValueError, match="the header is corrupted"):  # the old digest no longer fits
+    # the old digest no longer fits
+    with pytest.raises(ValueError, match="the header is corrupted"):
         read_lora_checkpoint(unsigned)
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -337,7 +341,8 @@ def test_the_cli_names_every_mistake_in_one_line_and_writes_nothing(adapter_file
     assert_one_line_error(cli("inspect", str(peft)), "target_modules must be a non-empty list")
     # demo flags checked before any work
     for flags, match in ((["--tp", "0"], "--tp must be at least 1, got 0"),
-                         (["--lora-r", "0"], r"--lora-\* flags: LoRAConfig.r must be a positive int")):
+                         (["--lora-r", "0"],
+                          r"--lora-\* flags: LoRAConfig.r must be a positive int")):
         out = tmp_path / f"demo{flags[1]}"
         assert_one_line_error(cli("demo", "--out", str(out), *flags), match)
         assert not out.exists()

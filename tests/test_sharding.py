@@ -6,7 +6,8 @@ import torch
 from megatron_lora.layers.sharding import shard, unshard
 
 
-@pytest.mark.parametrize("world, stride, dim", [(1, 1, 0), (2, 1, 0), (2, 2, 0), (4, 2, 1), (2, 1, 1)])
+@pytest.mark.parametrize("world, stride, dim",
+                         [(1, 1, 0), (2, 1, 0), (2, 2, 0), (4, 2, 1), (2, 1, 1)])
 def test_shard_matches_megatron_cpu_init_split(world, stride, dim):
     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
@@ -18,7 +19,8 @@ def test_shard_matches_megatron_cpu_init_split(world, stride, dim):
             rank=rank, world_size=world,
         )
         assert torch.equal(shard(full, dim, rank, world, stride), local)
-    assert torch.equal(unshard([shard(full, dim, r, world, stride) for r in range(world)], dim, stride), full)
+    assert torch.equal(
+        unshard([shard(full, dim, r, world, stride) for r in range(world)], dim, stride), full)
 
 
 def test_uneven_split_names_the_sizes():

@@ -12,7 +12,6 @@ asserts one stage, on TP=2 + sequence parallelism (fp32) and on PP=2 (bf16, slim
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 import torch
@@ -46,8 +45,6 @@ def adapter_count(layout) -> int:
 
 @pytest.fixture(scope="session")
 def slime_trees(tmp_path_factory):
-    if sys.version_info < (3, 10):
-        pytest.skip("slime needs Python 3.10+")
     return sources.prepare(tmp_path_factory.mktemp("slime-sources"))
 
 
@@ -112,7 +109,7 @@ def test_init_builds_the_lora_model_with_only_adapters_trainable(run):
         # the reference policy is the actor's frozen base: no second copy was loaded
         assert init["lora_ref"] and "ref" not in init["backup_tags"]
     last = run["ranks"][-1]
-    for got, want in zip(last["init_log_probs"], last["base_log_probs"][0]):
+    for got, want in zip(last["init_log_probs"], last["base_log_probs"][0], strict=True):
         assert torch.equal(got, want), "B = 0 must give the base model's log-probs exactly"
 
 
@@ -151,7 +148,7 @@ def test_base_only_torch_dist_start_works_with_every_strictness(run, strict):
 
 def test_two_rollouts_train_only_the_adapters_and_the_reference_stays_the_base(run):
     for rank in run["ranks"]:
-        init_base, init_lora = rank["train"][0]["params"][0], None
+        init_base = rank["train"][0]["params"][0]
         previous = None
         for step in rank["train"]:
             base, lora = step["params"]
@@ -164,11 +161,12 @@ def test_two_rollouts_train_only_the_adapters_and_the_reference_stays_the_base(r
     for rollout_id, step in enumerate(last["train"]):
         # slime's ref_log_probs, computed inside disable_lora, are the base model's exactly
         assert len(step["ref_log_probs"]) == 4
-        for got, want in zip(step["ref_log_probs"], last["base_log_probs"][rollout_id]):
+        for got, want in zip(step["ref_log_probs"], last["base_log_probs"][rollout_id],
+                             strict=True):
             assert torch.equal(got, want)
     # ...while the actor's own log-probs have moved
     assert any(not torch.allclose(a, b) for a, b in
-               zip(last["trained_log_probs"][0], last["base_log_probs"][0]))
+               zip(last["trained_log_probs"][0], last["base_log_probs"][0], strict=True))
 
 
 def _synced(run) -> dict[str, dict[str, torch.Tensor]]:
@@ -208,13 +206,13 @@ def test_hf_model_from_the_synced_tensors_gives_the_lora_models_logits_and_log_p
     model = tiny_qwen2.hf_model(run["hf"], run["dtype"], state=_synced(run)["colocated"])
     last = run["ranks"][-1]
     hf_log_probs, hf_logits = _hf_log_probs(model, 0, _Batch)
-    for got, want in zip(hf_log_probs, last["trained_log_probs"][0]):
+    for got, want in zip(hf_log_probs, last["trained_log_probs"][0], strict=True):
         torch.testing.assert_close(got, want.float(), **_tol(run))
     if last["trained_logits"] is not None:  # no pipeline: the model's own forward
         torch.testing.assert_close(hf_logits, last["trained_logits"], **_tol(run))
     base = tiny_qwen2.hf_model(run["hf"], run["dtype"])
     base_log_probs, _ = _hf_log_probs(base, 0, _Batch)
-    for got, want in zip(base_log_probs, last["base_log_probs"][0]):
+    for got, want in zip(base_log_probs, last["base_log_probs"][0], strict=True):
         torch.testing.assert_close(got, want.float(), **_tol(run))
 
 
@@ -258,7 +256,8 @@ def test_adapter_sync_colocated_sends_the_unmerged_base_once_then_only_the_adapt
     sync = run["ranks"][0]["sync"]["adapter_colocated"]
     sends = [c for c in sync["calls"] if c.startswith("update_weights_from_tensor")]
     calls = [c for i, c in enumerate(sync["calls"])
-             if not (c.startswith("update_weights_from_tensor") and i and sync["calls"][i - 1] == c)]
+             if not (c.startswith("update_weights_from_tensor")
+                     and i and sync["calls"][i - 1] == c)]
     assert calls == [
         "pause_generation", "flush_cache", "update_weights_from_tensor v1",
         "load_lora_adapter_from_tensors policy", "update_weight_version 1", "continue_generation",
@@ -292,7 +291,8 @@ def test_adapter_sync_distributed_sends_the_unmerged_base_and_the_adapter_over_h
     assert sync["calls"] == ["pause_generation", "flush_cache",
                              "load_lora_adapter_from_tensors policy", "update_weight_version 1",
                              "continue_generation"]
-    _adapter_loads_equal_the_export(sync["loads"], run["ranks"][0]["sync"]["adapter_colocated"]["export"])
+    _adapter_loads_equal_the_export(sync["loads"],
+                                    run["ranks"][0]["sync"]["adapter_colocated"]["export"])
 
 
 def test_save_model_writes_the_adapter_file(run):
@@ -317,5 +317,5 @@ def test_resume_with_load_restores_the_adapters_exactly(run):
     for rank in run["ranks"]:
         assert rank["resume"]["start_rollout_id"] == 2
         assert rank["resume"]["lora_equal"] and rank["resume"]["base_equal"]
-    for got, want in zip(last["resume"]["log_probs"], last["trained_log_probs"][0]):
+    for got, want in zip(last["resume"]["log_probs"], last["trained_log_probs"][0], strict=True):
         assert torch.equal(got, want)

@@ -107,7 +107,8 @@ def added_blocks(hunks: list[list[str]]) -> list[str]:
 
 def imported_names(source: str) -> list[str]:
     names = []
-    for match in re.finditer(r"from megatron_lora(?:\.\w+)* import (?:\(([^)]*)\)|([^\n]*))", source):
+    for match in re.finditer(r"from megatron_lora(?:\.\w+)* import (?:\(([^)]*)\)|([^\n]*))",
+                             source):
         listed = match.group(1) if match.group(1) is not None else match.group(2)
         names += [n.strip() for n in listed.split(",") if n.strip()]
     return names
@@ -438,7 +439,7 @@ def moe_weight_sync_cases():
             model = moe_cases.lora_moe(config, te=True)
             moe_cases.set_nonzero_B(model)
             live = slime_global_names(model)
-            local_names = dict(zip(live, (n for n, _ in model.named_parameters())))
+            local_names = dict(zip(live, (n for n, _ in model.named_parameters()), strict=True))
             reference = dict(iter_merged_weights(model))  # local names, this rank's shards
             view = merged_weights(live, model)
             r = {"names": list(view), "adapted": sorted(view.adapters),

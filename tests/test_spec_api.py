@@ -65,14 +65,16 @@ def test_unknown_target_lists_the_linears_that_exist():
     from megatron_lora import lora_spec
 
     with pytest.raises(ValueError, match=r"\['linear_qkvv'\] match no submodule.*"
-                                         r"\['linear_fc1', 'linear_fc2', 'linear_proj', 'linear_qkv'\]"):
+                                         r"\['linear_fc1', 'linear_fc2', "
+                                         r"'linear_proj', 'linear_qkv'\]"):
         lora_spec(tiny_gpt.local_spec(), LoRAConfig(target_modules=["linear_qkvv"]))
 
 
 def test_target_of_an_unsupported_class_is_named():
     from megatron_lora import lora_spec
 
-    with pytest.raises(ValueError, match=r"'self_attention.core_attention' is 'DotProductAttention'"):
+    with pytest.raises(ValueError,
+                       match=r"'self_attention.core_attention' is 'DotProductAttention'"):
         lora_spec(tiny_gpt.local_spec(), LoRAConfig(target_modules=["core_attention"]))
 
 
@@ -156,8 +158,10 @@ def posthoc_cases():
 
     # Excluding one module by its path: both routes skip exactly that one.
     excluded = LoRAConfig(r=4, exclude_modules=["decoder.layers.1.mlp.linear_fc2"])
-    spec_names = set(get_lora_parameters(tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), excluded))))
-    posthoc_names = set(get_lora_parameters(apply_lora_to_megatron_model(tiny_gpt.build_gpt(), excluded)))
+    spec_names = set(get_lora_parameters(
+        tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), excluded))))
+    posthoc_names = set(get_lora_parameters(
+        apply_lora_to_megatron_model(tiny_gpt.build_gpt(), excluded)))
     out["excluded"] = (sorted(spec_names), sorted(posthoc_names))
 
     # MoE: --num-experts builds the MoE decoder block spec (local SequentialMLP experts),

@@ -127,6 +127,7 @@ class Geometry:
     def require_equal(self, other: Geometry, what: str) -> None:
         """Raise naming every field where `other` (described by `what`) differs from self."""
         diffs = [f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)} in {what}"
-                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+                 for f in dataclasses.fields(self)
+                 if getattr(self, f.name) != getattr(other, f.name)]
         if diffs:
             raise ValueError("geometry mismatch: " + "; ".join(diffs))

@@ -113,7 +113,8 @@ def architecture(name_or_config: str | Any) -> Architecture:
 
 def _rows(tensor: torch.Tensor, expected: int, what: str) -> None:
     if tensor.dim() == 0 or tensor.shape[0] != expected:
-        raise ValueError(f"{what}: expected {expected} rows (dim 0), got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{what}: expected {expected} rows (dim 0), "
+                         f"got shape {tuple(tensor.shape)}")
 
 
 def split_qkv(fused: torch.Tensor, num_heads: int, num_query_groups: int, kv_channels: int
@@ -121,7 +122,8 @@ def split_qkv(fused: torch.Tensor, num_heads: int, num_query_groups: int, kv_cha
     """HF's q, k, v (rows in head order) from Megatron's fused `linear_qkv` rows
     `[q heads of group g; k_g; v_g]` for each group g. Works for MHA (groups == heads)."""
     if num_heads % num_query_groups:
-        raise ValueError(f"split_qkv: {num_heads} heads do not divide into {num_query_groups} groups")
+        raise ValueError(f"split_qkv: {num_heads} heads do not divide into "
+                         f"{num_query_groups} groups")
     per_group = num_heads // num_query_groups
     _rows(fused, (num_heads + 2 * num_query_groups) * kv_channels, "split_qkv fused tensor")
     rest = fused.shape[1:]
@@ -134,7 +136,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
              num_query_groups: int, kv_channels: int) -> torch.Tensor:
     """Inverse of `split_qkv`: Megatron's per-group interleaved `linear_qkv` rows."""
     if num_heads % num_query_groups:
-        raise ValueError(f"fuse_qkv: {num_heads} heads do not divide into {num_query_groups} groups")
+        raise ValueError(f"fuse_qkv: {num_heads} heads do not divide into "
+                         f"{num_query_groups} groups")
     _rows(q, num_heads * kv_channels, "fuse_qkv q")
     _rows(k, num_query_groups * kv_channels, "fuse_qkv k")
     _rows(v, num_query_groups * kv_channels, "fuse_qkv v")
@@ -267,8 +270,9 @@ def parse_hf_module(name: str) -> tuple[int, str]:
     """(layer, HF leaf) of an HF target module name; PEFT's `base_model.model.` allowed."""
     match = _HF_MODULE.match(name)
     if not match:
+        leaves = "|".join(p for _, ps in _TARGETS.values() for p in ps)
         raise ValueError(f"{name!r} is not an HF Llama-family LoRA target (expected "
-                         f"model.layers.<i>.<{'|'.join(p for _, ps in _TARGETS.values() for p in ps)}>)")
+                         f"model.layers.<i>.<{leaves}>)")
     return int(match.group(1)), match.group(2).rsplit(".", 1)[1]
 
 

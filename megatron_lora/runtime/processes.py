@@ -8,7 +8,8 @@ that defines `fn` may import megatron, and `setup` may need to run before that (
 detects Transformer Engine when it is imported). `setup` itself must live in a module that does
 not import megatron. The rank then joins a gloo process group (rendezvous through a file, so no
 port can be taken by another process in between) and calls `fn(*args, **kwargs)`;
-`megatron_lora.runtime.launch.run_on_ranks` adds Megatron's parallel state on top. The per-rank return values come back as a list indexed by rank (they travel
+`megatron_lora.runtime.launch.run_on_ranks` adds Megatron's parallel state on top. The per-rank
+return values come back as a list indexed by rank (they travel
 through `torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
 `RankError` carries that rank's traceback; if the ranks do not finish within `timeout`
 seconds they are killed and `TimeoutError` is raised, so a test run never hangs.
@@ -95,16 +96,17 @@ def run_on_ranks(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(outputs))
-                raise TimeoutError(f"{getattr(fn, '__qualname__', fn)}: ranks {missing} did not finish "
-                                   f"within {timeout:.0f}s")
+                raise TimeoutError(f"{getattr(fn, '__qualname__', fn)}: ranks {missing} "
+                                   f"did not finish within {timeout:.0f}s")
             try:
                 rank, ok, payload = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs)
                         if r not in outputs and p.exitcode not in (None, 0)]
                 if dead:
-                    raise RankError(f"rank {dead[0]} died with exit code "
-                                    f"{procs[dead[0]].exitcode} before reporting a result")
+                    code = procs[dead[0]].exitcode
+                    raise RankError(f"rank {dead[0]} died with exit code {code} "
+                                    f"before reporting a result") from None
                 continue
             if not ok:
                 raise RankError(f"rank {rank} of {world_size} failed:\n{payload}")

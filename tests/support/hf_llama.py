@@ -175,7 +175,8 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
             if missing:
                 raise KeyError(f"HF state dict lacks {missing} for Megatron parameter {name!r}")
             parts = [hf_state[n] for n in mapping.hf_names]
-            full = hf_mapping.fuse_target(mapping.target, parts, geometry) if mapping.target else parts[0]
+            full = (hf_mapping.fuse_target(mapping.target, parts, geometry) if mapping.target
+                    else parts[0])
             if getattr(param, "tensor_model_parallel", False):
                 full = shard(full, param.partition_dim, rank, world, param.partition_stride)
             if full.shape != param.shape:
@@ -284,7 +285,8 @@ def hf_param(megatron_name: str) -> ParamMapping:
             return ParamMapping((f"model.layers.{layer}.{_LAYER_NORMS[rest]}",))
         module, _, kind = name.rpartition(".")
         for target in hf_mapping.TARGETS:
-            if module == hf_mapping.megatron_module_name(layer, target) and kind in ("weight", "bias"):
+            if (module == hf_mapping.megatron_module_name(layer, target)
+                    and kind in ("weight", "bias")):
                 names = tuple(f"{n}.{kind}" for n in hf_mapping.hf_module_names(layer, target))
                 return ParamMapping(names, target if len(names) > 1 else None)
     raise ValueError(f"no HF Llama-family counterpart for Megatron parameter {megatron_name!r}")

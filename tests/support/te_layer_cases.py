@@ -320,7 +320,7 @@ def all_layer_cases():
     for tp, sp in [(2, False), (2, True), (1, False)]:
         initialize_model_parallel(tp=tp)
 
-        def config(**overrides):  # the tiny GPT's config (RMSNorm, fp32) with overrides
+        def config(sp=sp, **overrides):  # the tiny GPT's config (RMSNorm, fp32) with overrides
             return tiny_gpt.transformer_config(sequence_parallel=sp, **overrides)
 
         rms, ln = config(), config(normalization="LayerNorm")

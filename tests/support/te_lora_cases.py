@@ -39,7 +39,8 @@ def te_vs_local(layouts):
         te = tiny_gpt.build_gpt(te_lora_spec(), sequence_parallel=sp)
         local = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CONFIG), sequence_parallel=sp)
         te_logits = tiny_gpt.logits(te)
-        r = {"classes": sorted({type(m).__name__ for m in te.modules() if "LoRA" in type(m).__name__}),
+        r = {"classes": sorted({type(m).__name__ for m in te.modules()
+                                if "LoRA" in type(m).__name__}),
              "b0_logits": (te_logits, tiny_gpt.logits(te_plain))}
         for model in (te, local):
             lora_helpers.set_nonzero_B(model)
@@ -81,7 +82,8 @@ def adapter_input_is_normalized():
         layer.layer_norm_weight.copy_(torch.linspace(0.5, 2.0, 64))
     x = torch.randn(8, 2, 64, generator=torch.Generator().manual_seed(1))
     out, _ = layer(x)  # the base weight is zero: out is the adapter's contribution alone
-    normalized = torch.nn.functional.rms_norm(x, (64,), layer.layer_norm_weight, config.layernorm_epsilon)
+    normalized = torch.nn.functional.rms_norm(x, (64,), layer.layer_norm_weight,
+                                              config.layernorm_epsilon)
     A, B = layer.lora_A.weight, layer.lora_B.weight
     expected = CONFIG.scaling * normalized @ A.t() @ B.t()
     pre_norm = CONFIG.scaling * x @ A.t() @ B.t()
@@ -103,7 +105,8 @@ class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in self.OPS:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            self.seen.append((name, tuple(t.shape for t in tensors), {str(t.dtype) for t in tensors}))
+            self.seen.append((name, tuple(t.shape for t in tensors),
+                              {str(t.dtype) for t in tensors}))
         return func(*args, **(kwargs or {}))
 
 

@@ -40,8 +40,8 @@ def setup(slime_tree: str, megatron_tree: str) -> None:
 
 
 def cpu_runtime() -> None:
-    """megatron-core on CPU (`megatron_lora.runtime.cpu`), slime's CPU accelerator, and Megatron-LM's
-    training code where it asks CUDA directly."""
+    """megatron-core on CPU (`megatron_lora.runtime.cpu`), slime's CPU accelerator, and
+    Megatron-LM's training code where it asks CUDA directly."""
     from megatron_lora.runtime import cpu
     from support.slime import cpu_accelerator
 

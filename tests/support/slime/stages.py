@@ -133,7 +133,7 @@ def _capture_colocated(actor) -> tuple[list[dict], list[str]]:
         updater.update_weights()
     finally:
         with torch.no_grad():
-            for param, value in zip(live, kept):
+            for param, value in zip(live, kept, strict=True):
                 param.copy_(value)
     return engine.received, engine.calls
 
@@ -207,14 +207,14 @@ def _capture_adapter_colocated(actor, work) -> dict:
         with torch.no_grad():
             for name in b_names:
                 backup[name].div_(2)
-            for param, value in zip(live, kept):
+            for param, value in zip(live, kept, strict=True):
                 param.copy_(value)
         args.lora_sync, args.sglang_enable_weights_cpu_backup = "merged", None
     dist.barrier()
     export = _read_peft_export(f"{work}/peft-export") if dist.get_rank() == 0 else None
     return {"base": engine.received, "calls": engine.calls, "loads": engine.loads,
             "decoder": engine.decoder, "export": export,
-            "live_restored": all(torch.equal(p, v) for p, v in zip(live, kept))}
+            "live_restored": all(torch.equal(p, v) for p, v in zip(live, kept, strict=True))}
 
 
 def _capture_adapter_distributed(actor) -> dict:
@@ -415,7 +415,8 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
         _fp32(args)
     actor, start = actors.build(args, ports[2], with_ref=True)
     resumed = _split(_params(actor.model))
-    out["resume"] = {"start_rollout_id": start, "lora_equal": _equal(resumed[1], out["trained_lora"]),
+    out["resume"] = {"start_rollout_id": start,
+                     "lora_equal": _equal(resumed[1], out["trained_lora"]),
                      "base_equal": _equal(resumed[0], _split(trained)[0]),
                      "log_probs": _log_probs(actor, args, 0)}
     actors.retire(actor)

@@ -37,7 +37,8 @@ def hf_config(dtype=torch.float32):
 
     return Qwen2Config(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
         rope_theta=ROPE_THETA, rms_norm_eps=NORM_EPS, tie_word_embeddings=False,
         hidden_act="silu", attention_dropout=0.0, torch_dtype=dtype, use_sliding_window=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -179,7 +179,7 @@ class DotProductAttention(TransformerEngineBaseModule):
             lengths = (cu[1:] - cu[:-1]).tolist()
             seq = torch.full((total,), -1, dtype=torch.long)
             pos = torch.zeros(total, dtype=torch.long)
-            for i, (start, length) in enumerate(zip(starts[:-1], lengths)):
+            for i, (start, length) in enumerate(zip(starts[:-1], lengths, strict=True)):
                 seq[start:start + length] = i
                 pos[start:start + length] = torch.arange(length)
             return seq, pos, seq >= 0

@@ -144,7 +144,7 @@ class GroupedLinear(TransformerEngineBaseModule):
                 base_gemm(x, w, b if self.apply_bias else None,
                           activation_dtype=self.activation_dtype, recipe=recipe,
                           fuse_wgrad_accumulation=self.fuse_wgrad_accumulation)
-                for x, w, b in zip(splits, weights, biases)])
+                for x, w, b in zip(splits, weights, biases, strict=True)])
             out = out.view(-1, *inp.shape[1:-1], self.out_features)
         if self.return_bias:
             return out, [cast_if_needed(b, self.activation_dtype) for b in biases]

@@ -1,7 +1,8 @@
 """`transformer_engine.pytorch.LayerNorm` (TE v2.11 `module/layernorm.py`, an op-based module).
 
 Parameters `weight` (ones, or zeros with zero_centered_gamma) and `bias` (zeros), each marked
-`sequence_parallel` when that legacy flag is given, and an (empty) `_extra_state` (megatron then all-reduces their grads over
+`sequence_parallel` when that legacy flag is given, and an (empty) `_extra_state` (megatron
+then all-reduces their grads over
 the TP group). Accepts TE's deprecated `hidden_size` / `params_dtype` spellings, which
 megatron-core 0.16 uses (0.19 passes `normalized_shape`).
 """
