@@ -80,18 +80,13 @@ _NORMS = {
     "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
     "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
 }
-_GLOBAL = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
 _LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.weight$")
 
 
 def hf_sources(name: str) -> tuple[tuple[str, ...], str | None]:
     """(HF tensor names, the target that fuses them or None) of a Megatron base parameter."""
-    if name in _GLOBAL:
-        return (_GLOBAL[name],), None
+    if name in hf_llama.GLOBAL_PARAMS:
+        return (hf_llama.GLOBAL_PARAMS[name],), None
     match = _LAYER_PARAM.match(name)
     layer, rest = int(match.group(1)), match.group(2) + ".weight"
     if rest in _NORMS:

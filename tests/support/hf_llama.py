@@ -265,7 +265,8 @@ _LAYER_NORMS = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
-_GLOBAL = {
+# Model-wide parameters: the same names in every HF decoder family here (hf_deepseek uses them).
+GLOBAL_PARAMS = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
@@ -276,8 +277,8 @@ _LAYER_PARAM = re.compile(r"^(?:module\.)*decoder\.layers\.(\d+)\.(.+)$")
 def hf_param(megatron_name: str) -> ParamMapping:
     """The HF source of a Megatron GPT base parameter (local or TE spec names; not LoRA's)."""
     name = re.sub(r"^(?:module\.)*", "", megatron_name)
-    if name in _GLOBAL:
-        return ParamMapping((_GLOBAL[name],))
+    if name in GLOBAL_PARAMS:
+        return ParamMapping((GLOBAL_PARAMS[name],))
     match = _LAYER_PARAM.match(name)
     if match:
         layer, rest = int(match.group(1)), match.group(2)
