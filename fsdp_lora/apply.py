@@ -16,6 +16,7 @@ from torch import nn
 from fsdp_lora.full_params import fsdp1_units, hf_module_name, is_fsdp_wrapped
 from fsdp_lora.layers.linear import LoRALinear
 from fsdp_lora.model import lora_modules
+from fsdp_lora.recompute import guard_input_embeddings
 from lora_common.config import HF_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
 
@@ -63,7 +64,8 @@ def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module
     `target_modules=None` adapts the seven Llama projections
     (`HF_TARGET_MODULES`). The model may live on the meta device: A and B are then drawn when
     it is materialized (`to_empty`, FSDP1's `reset_parameters`), identically on every rank.
-    With `only_trainable`, every non-LoRA parameter is frozen.
+    With `only_trainable`, every non-LoRA parameter is frozen; under activation checkpointing
+    the adapters still get their grads (`recompute.py`).
     """
     config = LoRAConfig.coerce(args_or_config, "apply_lora_to_fsdp_model").resolve_targets(
         HF_TARGET_MODULES)
@@ -81,6 +83,7 @@ def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module
         setattr(parent, attr, LoRALinear.from_linear(linear, config, name))
     if config.only_trainable:
         mark_only_lora_as_trainable(model)
+    guard_input_embeddings(model)
     return model
 
 

@@ -27,6 +27,7 @@ from megatron_lora.layers.placement import (
 )
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import model_chunks, transformer_layers
+from megatron_lora.recompute import guard_stacks
 from megatron_lora.targets import selectable_names, selecting
 
 
@@ -85,6 +86,7 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
                 place_adapter(module, config, None, name, chunk)  # an adapter outside any layer
         if config.only_trainable:
             freeze_all_but_adapters(chunk)
+        guard_stacks(chunk)
     return model
 
 

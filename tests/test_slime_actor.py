@@ -34,7 +34,9 @@ pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False},
            "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True},
            # --lora-canonical: per-projection adapters through every stage slime runs
-           "tp2_sp_fp32_canonical": {"tp": 2, "pp": 1, "bf16": False, "canonical": True}}
+           "tp2_sp_fp32_canonical": {"tp": 2, "pp": 1, "bf16": False, "canonical": True},
+           # the activation recompute of slime's launch recipes (21 of its 23 scripts/run-*.sh)
+           "tp2_sp_fp32_recompute": {"tp": 2, "pp": 1, "bf16": False, "recompute": True}}
 
 
 def adapter_count(layout) -> int:
@@ -48,21 +50,35 @@ def slime_trees(tmp_path_factory):
     return sources.prepare(tmp_path_factory.mktemp("slime-sources"))
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def run(request, slime_trees, tmp_path_factory):
+@pytest.fixture(scope="session")
+def layout_runs(slime_trees, tmp_path_factory):
+    """`layout_runs(name)`: the 2-rank launch of one layout, run once per session."""
     from megatron_lora.runtime.processes import run_on_ranks
     from support.slime import runtime, stages, tiny_qwen2
 
-    layout = LAYOUTS[request.param]
-    work = tmp_path_factory.mktemp(f"slime-{request.param}")
-    dtype = torch.bfloat16 if layout["bf16"] else torch.float32
-    hf = tiny_qwen2.write_hf_checkpoint(work / "hf", dtype=dtype)
-    ranks = run_on_ranks(
-        stages.run_layout, world_size=2, timeout=900,
-        args=(str(work), str(hf), str(slime_trees.unpatched_arguments), layout),
-        setup=functools.partial(runtime.setup, str(slime_trees.slime),
-                                str(slime_trees.megatron_lm)))
-    return {"layout": layout, "ranks": ranks, "hf": hf, "dtype": dtype}
+    runs = {}
+
+    def launch(name: str) -> dict:
+        if name in runs:
+            return runs[name]
+        layout = LAYOUTS[name]
+        work = tmp_path_factory.mktemp(f"slime-{name}")
+        dtype = torch.bfloat16 if layout["bf16"] else torch.float32
+        hf = tiny_qwen2.write_hf_checkpoint(work / "hf", dtype=dtype)
+        ranks = run_on_ranks(
+            stages.run_layout, world_size=2, timeout=900,
+            args=(str(work), str(hf), str(slime_trees.unpatched_arguments), layout),
+            setup=functools.partial(runtime.setup, str(slime_trees.slime),
+                                    str(slime_trees.megatron_lm)))
+        runs[name] = {"layout": layout, "ranks": ranks, "hf": hf, "dtype": dtype}
+        return runs[name]
+
+    return launch
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def run(request, layout_runs):
+    return layout_runs(request.param)
 
 
 def _hf_log_probs(model, rollout_id, args_like):
@@ -167,6 +183,22 @@ def test_two_rollouts_train_only_the_adapters_and_the_reference_stays_the_base(r
     # ...while the actor's own log-probs have moved
     assert any(not torch.allclose(a, b) for a, b in
                zip(last["trained_log_probs"][0], last["base_log_probs"][0], strict=True))
+
+
+def test_recipe_recompute_trains_the_adapters_as_no_recompute_does(layout_runs):
+    """`--recompute-granularity full --recompute-method uniform --recompute-num-layers 1`, as
+    slime's recipes run: after each rollout the adapters equal those of the same run without
+    recompute (and they moved: the two-rollouts test above holds for this layout too)."""
+    plain = layout_runs("tp2_sp_fp32")["ranks"]
+    recomputed = layout_runs("tp2_sp_fp32_recompute")["ranks"]
+    for rank_plain, rank_recomputed in zip(plain, recomputed, strict=True):
+        assert rank_recomputed["recompute"] == ("full", "uniform", 1)
+        for want, got in zip(rank_plain["train"], rank_recomputed["train"], strict=True):
+            lora_want, lora_got = want["params"][1], got["params"][1]
+            assert lora_got.keys() == lora_want.keys()
+            for name, value in lora_want.items():
+                torch.testing.assert_close(lora_got[name], value, rtol=1e-6, atol=1e-7,
+                                           msg=name)
 
 
 def _synced(run) -> dict[str, dict[str, torch.Tensor]]:

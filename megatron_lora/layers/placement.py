@@ -35,6 +35,7 @@ from lora_common.targets import PROJECTIONS
 from megatron_lora import moe
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
 from megatron_lora.model import qualified_name
+from megatron_lora.recompute import watch_for_stacks
 from megatron_lora.targets import is_routed_expert_path, leaf, selecting, target_path
 
 
@@ -143,6 +144,7 @@ class LoRATransformerLayerMixin:
     lora_config: LoRAConfig
 
     def __init__(self, *args, **kwargs):
+        watch_for_stacks()  # before the stack building this layer is handed it
         super().__init__(*args, **kwargs)
         add_missing_lora(self, self.lora_config)
         place_lora(self, self.lora_config)

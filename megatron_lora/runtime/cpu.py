@@ -26,7 +26,10 @@ megatron-core assumes CUDA in these places that a CPU run meets:
   `s.record_event().synchronize()` around the copy), and converts them to numpy only for CUDA
   tensors (`moe_utils.maybe_move_tensor_to_cpu`), so on CPU c10d's `all_to_all_single` gets
   tensors for its split sizes and raises `TypeError`. The CPU runtime gives it the synchronous
-  stream and numpy split sizes: the same integers, so the dispatch is unchanged.
+  stream and numpy split sizes: the same integers, so the dispatch is unchanged;
+- the pipeline schedules (`get_forward_backward_func`) count tokens in
+  `torch.zeros([], device="cuda")`: inside that module, `torch` is a view of torch whose factory
+  makes that counter on the CPU.
 
 `enable()` redirects each of them to the CPU. Nothing happens at import, and nothing happens
 when CUDA is available, so calling it unconditionally from a script is safe.
@@ -113,6 +116,20 @@ def _alltoall_dispatcher_on_cpu() -> None:
     # Imported by name into the dispatcher module, so it is replaced there.
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_numpy(
         token_dispatcher.maybe_move_tensor_to_cpu)
+
+
+class _TorchWithCPUCounters:
+    """torch, as the schedules module sees it: `zeros(..., device="cuda")` is made on the CPU;
+    every other name is torch's own."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = _cpu_device()
+        return torch.zeros(*args, device=device, **kwargs)
 
 
 def _get_cpu_rng_state(*args, **kwargs) -> torch.Tensor:
@@ -211,6 +228,9 @@ def enable() -> None:
     if not te_extension.HAVE_TE:
         multi_latent_attention.HAVE_TE = False  # TE is absent, whatever its mock import said
     _alltoall_dispatcher_on_cpu()
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCPUCounters()
     _ENABLED = True
 
 

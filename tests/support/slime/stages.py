@@ -326,6 +326,9 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
                 "--dist-ckpt-strictness", "log_unexpected"]
     if layout.get("canonical"):
         lora_run.append("--lora-canonical")  # one adapter per projection (q, k, v, gate, up)
+    if layout.get("recompute"):  # the flags of slime's launch recipes (scripts/run-*.sh)
+        lora_run += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                     "--recompute-num-layers", "1"]
 
     # ----- base: a plain actor from the HF checkpoint, saved as the torch_dist base --------
     args = actors.parse(actors.command_line(lora=False, **common, extra=[
@@ -353,6 +356,9 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
     if not bf16:
         _fp32(args)
     actor, start = actors.build(args, ports[1], with_ref=True)
+    config = actor.model[0].config
+    out["recompute"] = (config.recompute_granularity, config.recompute_method,
+                        config.recompute_num_layers)
     params = _params(actor.model)
     base, lora = _split(params)
     out["init"] = {
