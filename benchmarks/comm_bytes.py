@@ -1,7 +1,7 @@
 """Communication bytes per training step at TP=2: LoRA's extra vs the base layers' own.
 
 One step of each variant of the decoder block (benchmarks/decoder_stack.py) under a counter of
-every collective (megatron_lora/runtime/collective_bytes.py), with and without sequence
+every collective (megatron_cpu/collective_bytes.py), with and without sequence
 parallelism. The frozen-base step moves exactly what the base layers move; LoRA's extra is the
 difference. The sharding rule (megatron_lora/layers/sharding.py) predicts only rank-sized
 traffic: `[tokens, r]` activations, plus under SP the all-reduce of the replicated matrices'
@@ -18,7 +18,7 @@ from __future__ import annotations
 from benchmarks import common
 from benchmarks.common import Column
 from benchmarks.decoder_stack import Geometry, build_block, sequence_parallel_grads, training_step
-from megatron_lora.runtime.collective_bytes import count_collective_bytes
+from megatron_cpu.collective_bytes import count_collective_bytes
 
 COLUMNS = [
     Column("layout", "layout"), Column("hidden", "hidden"), Column("r", "r"),

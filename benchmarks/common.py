@@ -118,7 +118,7 @@ def single_rank(device: str = "cpu"):
     a GPU too and needs no NCCL setup there."""
     from megatron.core import parallel_state
 
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     if device.startswith("cuda"):
         torch.cuda.set_device(0)
@@ -152,7 +152,7 @@ def run_layout(fn: Callable[..., Any], tp: int, device: str, *args: Any) -> Any:
             return fn(tp, *args)
     if device != "cpu":
         raise ValueError("TP > 1 benchmarks run on CPU ranks (gloo) only")
-    from megatron_lora.runtime.launch import run_on_ranks
+    from megatron_cpu.launch import run_on_ranks
 
     return run_on_ranks(fn, world_size=tp, tp=tp, args=(tp, *args), timeout=3600)[0]
 

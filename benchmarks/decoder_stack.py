@@ -13,7 +13,7 @@ too (elementwise, the same in every variant). The input requires grad in every v
 backward graphs differ only in the weight grads.
 
 No CPU shim is needed here: the caller sets up Megatron (benchmarks.common.run_layout; on CPU
-that enables megatron_lora.runtime.cpu).
+that enables megatron_cpu.device).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Geometry:
         return self.seq * self.batch
 
     def linears(self) -> dict[str, tuple[int, int, str]]:
-        """Full (unsharded) `(in, out, family)` of each LoRA target in one layer."""
+        """Full (unsharded) `(in, out, split kind)` of each LoRA target in one layer."""
         h, kv = self.hidden, self.kv_channels
         return {
             "linear_qkv": (h, (self.heads + 2 * self.groups) * kv, "column"),

@@ -16,7 +16,7 @@
 #
 # What comes back under $OUT: gpu_step_time.{txt,json}, gpu_peak_memory.{txt,json}, gpu.txt.
 # megatron-core 0.19.2 needs only torch, numpy and packaging (all on that image); this path
-# imports no apex and no TE. megatron_lora.runtime.cpu is never switched on: it is a no-op with CUDA.
+# imports no apex and no TE. megatron_cpu.device is never switched on: it is a no-op with CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}

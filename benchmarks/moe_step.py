@@ -170,7 +170,7 @@ def measure(args) -> dict:
 
 
 def _measure_on_a_rank(args):
-    from megatron_lora.runtime.launch import run_on_ranks
+    from megatron_cpu.launch import run_on_ranks
 
     setup = None
     if args.grouped and not _real_te():

@@ -171,7 +171,7 @@ def evaluate(model, weights: dict[str, torch.Tensor], dtype, adapter_off: bool) 
 
 def measure(hidden: int, layers: int, r: int, steps: int, lr: float, base_steps: int,
             base_lr: float = 3e-3) -> dict:
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     model = build(hidden, layers, r)
     pretrain_base(model, base_steps, base_lr)

@@ -26,11 +26,11 @@ def step_flops(geometry: Geometry, r: int = 16, tp: int = 1, sp: bool = False) -
     """Per-rank GEMM flops of one step of each variant."""
     T = geometry.tokens
     base = lora = 0.0
-    for in_f, out_f, family in geometry.linears().values():
+    for in_f, out_f, split in geometry.linears().values():
         base += 2 * T * in_f * out_f / tp
         if sp:
             lora += lora_linear_flops(T, in_f, out_f, r) / tp
-        elif family == "column":  # A replicated: full input on every rank
+        elif split == "column":  # A replicated: full input on every rank
             lora += lora_linear_flops(T, in_f, out_f / tp, r)
         else:  # row: B replicated
             lora += lora_linear_flops(T, in_f / tp, out_f, r)

@@ -1,8 +1,8 @@
 """`apply_lora_to_fsdp_model`: swap the target `nn.Linear`s of a HF model for `LoRALinear`s.
 
-Targets match PEFT's list semantics: a name `t` matches the module `n` when `n == t` or `n`
-ends with `"." + t`, so `q_proj` matches every layer's query projection and
-`model.layers.0.self_attn.q_proj` just one; `exclude_modules` match the same way. Every
+Targets match by PEFT's list rule (`lora_common.targets.matches`): `q_proj` matches every
+layer's query projection and `model.layers.0.self_attn.q_proj` just one; `exclude_modules` match
+the same way. Every
 problem is found before the first module is swapped, so a failed call leaves the model as
 it was.
 """
@@ -19,10 +19,7 @@ from fsdp_lora.model import lora_modules
 from fsdp_lora.recompute import guard_input_embeddings
 from lora_common.config import HF_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
+from lora_common.targets import matches
 
 
 def _linear_names(named: list[tuple[str, nn.Module]]) -> str:
@@ -37,7 +34,7 @@ def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str
     hf_named = [(name, module) for _, name, module in named]
     model_kind = type(model).__name__
     for pattern in config.target_modules:
-        hits = [(name, m) for name, m in hf_named if _matches(name, pattern)]
+        hits = [(name, m) for name, m in hf_named if matches(pattern, name)]
         if not hits:
             raise ValueError(f"LoRA target {pattern!r} matches no module of {model_kind}; "
                              f"its linear layers are named: {_linear_names(hf_named)}")
@@ -47,13 +44,13 @@ def _select_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, str
                                  f"({type(module).__name__}); LoRA adapts nn.Linear layers only "
                                  f"(linear layers here: {_linear_names(hf_named)})")
     for pattern in config.exclude_modules:
-        if not any(_matches(name, pattern) for name, _ in hf_named):
+        if not any(matches(pattern, name) for name, _ in hf_named):
             raise ValueError(f"LoRA exclude_modules entry {pattern!r} matches no module of "
                              f"{model_kind}; its linear layers are named: "
                              f"{_linear_names(hf_named)}")
     return [(path, name, module) for path, name, module in named
-            if any(_matches(name, t) for t in config.target_modules)
-            and not any(_matches(name, e) for e in config.exclude_modules)]
+            if any(matches(t, name) for t in config.target_modules)
+            and not any(matches(e, name) for e in config.exclude_modules)]
 
 
 def apply_lora_to_fsdp_model(model: nn.Module, args_or_config: Any) -> nn.Module:

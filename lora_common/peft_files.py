@@ -59,6 +59,7 @@ import torch
 
 from lora_common.atomic import atomic_save_safetensors, atomic_write_bytes
 from lora_common.config import LoRAConfig
+from lora_common.targets import matches
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -240,7 +241,7 @@ def _matches_any(module: str, names: str | list[str] | None) -> bool:
         return False
     if isinstance(names, str):
         return re.fullmatch(names, module) is not None
-    return any(module == name or module.endswith("." + name) for name in names)
+    return any(matches(name, module) for name in names)
 
 
 def targeted_by(module: str, config: Mapping[str, Any]) -> bool:

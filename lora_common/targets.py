@@ -45,6 +45,13 @@ REFUSED_TARGETS = {
 }
 
 
+def matches(entry: str, name: str) -> bool:
+    """The one target rule, PEFT's list rule, of both backends and of the PEFT files: an entry
+    of a target (or exclude) list selects the module named `name` when `name` equals it or ends
+    with `.<entry>` (`q_proj` selects every layer's; `model.layers.0.self_attn.q_proj` one)."""
+    return name == entry or name.endswith("." + entry)
+
+
 def check_targets(targets: Iterable[str], canonical: bool, field: str = "target_modules") -> None:
     """Raise `ValueError` naming the field for projection names outside canonical mode, for a
     module named together with one of its projections, and for refused targets."""

@@ -13,11 +13,11 @@ from pathlib import Path
 
 
 def _export_peft(args: argparse.Namespace) -> int:
-    from megatron_lora.interop import hf_mapping
+    from megatron_lora.interop import architectures
     from megatron_lora.interop.adapter_file import read_lora_checkpoint
     from megatron_lora.interop.peft_export import architecture_warnings, export_checkpoint
 
-    arch = hf_mapping.architecture(args.architecture)  # an unknown architecture is refused by name
+    arch = architectures.architecture(args.architecture)  # an unknown one is refused by name
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")

@@ -11,7 +11,7 @@ Two gloo ranks with tensor parallelism 2 and sequence parallelism train a small 
    solving task A), the adapter checkpoint, the PEFT export and a loss-curve PNG.
 
 Both stages train as Megatron's loop does: Adam, linear warmup, cosine decay and gradient-norm
-clipping (`megatron_lora.runtime.ddp_training`). `--seed` draws the base init, the adapter init and
+clipping (`megatron_cpu.ddp_training`). `--seed` draws the base init, the adapter init and
 the data.
 """
 
@@ -73,7 +73,7 @@ def _loss_and_accuracy(model, tokens, labels):
 
 
 def _schedule(args, steps: int):
-    from megatron_lora.runtime.ddp_training import Schedule
+    from megatron_cpu.ddp_training import Schedule
 
     return Schedule(warmup_steps=int(args.lr_warmup_fraction * steps),
                     decay_style=args.lr_decay_style, min_lr=args.min_lr,
@@ -81,14 +81,14 @@ def _schedule(args, steps: int):
 
 
 def _train(model, config, task, steps, lr, args, label):
-    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp
+    from megatron_cpu.ddp_training import train_with_megatron_ddp
 
     def loss(ddp, step):
         tokens, labels = task_batch(task, args.vocab, args.batch, args.seq, step, args.seed)
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
         return ddp(tokens, positions, None, labels=labels).float().mean()
 
-    return train_with_megatron_ddp(model, config, loss, steps, lr, progress=label,
+    return train_with_megatron_ddp(model, config, loss, steps, lr, label=label,
                                    schedule=_schedule(args, steps))
 
 
@@ -261,7 +261,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_lora.runtime.launch import run_on_ranks
+    from megatron_cpu.launch import run_on_ranks
 
     check_demo_arguments(args)
     out = Path(args.out)

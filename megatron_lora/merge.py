@@ -14,7 +14,7 @@ import torch
 
 from lora_common.state import is_lora_parameter, lora_disabled, require_state
 from megatron_lora.layers.registry import is_lora_linear
-from megatron_lora.model import lora_modules, model_chunks
+from megatron_lora.modules import lora_modules, model_chunks
 
 
 def merge_lora_weights(model) -> None:

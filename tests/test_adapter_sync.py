@@ -1,4 +1,4 @@
-"""The adapter as a rollout engine receives it (`megatron_lora.peft_tensors`): read from a
+"""The adapter as a rollout engine receives it (`megatron_lora.sync.peft_tensors`): read from a
 trainer's CPU copy of its parameters under slime's global names, gathered over TP, assembled
 over PP; tensor for tensor what `export_peft_adapter` writes (live and offline) at TP=1,
 TP=2 + SP and PP=2, and at TP=2 what the TP=1 model yields."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
-from support import lora_helpers, tiny_gpt
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
+from support import lora_helpers, peft_reference, tiny_gpt
 from support.compare import assert_same
 from support.outcomes import assert_raised, outcome
 
@@ -31,17 +31,6 @@ def _slime_backup(model, layer_offset: int = 0) -> dict[str, torch.Tensor]:
         return f"{PREFIX}decoder.layers.{int(match.group(1)) + layer_offset}.{match.group(2)}"
 
     return {global_name(n): p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _read_peft_folder(path):
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    return (json.loads((folder / "adapter_config.json").read_text()),
-            load_file(folder / "adapter_model.safetensors"))
 
 
 def _evidence(model, backup, out_dir):
@@ -63,8 +52,8 @@ def _evidence(model, backup, out_dir):
         export_peft_adapter(f"{out_dir}/adapter.safetensors", f"{out_dir}/offline",
                             base_model_name_or_path="tiny")
         r["gathered"] = (gathered.config, gathered.tensors())
-        r["live"] = _read_peft_folder(f"{out_dir}/live")
-        r["offline"] = _read_peft_folder(f"{out_dir}/offline")
+        r["live"] = peft_reference.read_peft_folder(f"{out_dir}/live")
+        r["offline"] = peft_reference.read_peft_folder(f"{out_dir}/offline")
     else:
         r["gathered"] = gathered
     dist.barrier()
@@ -114,7 +103,8 @@ def producer_cases(out_dir: str):
         backup = _slime_backup(model, layer_offset=stage * (4 // pp) if pp > 1 else 0)
         before = {n: t.clone() for n, t in backup.items()}
         out[layout] = _evidence(model, backup, f"{out_dir}/{layout}")
-        out[layout]["backup_unchanged"] = all(torch.equal(before[n], t) for n, t in backup.items())
+        # the backup before and after the reads: the test says which tensor a read changed
+        out[layout]["backup"] = (before, {n: t.clone() for n, t in backup.items()})
         if layout == "tp1":
             out[layout]["errors"] = _errors(model, backup)
     return out
@@ -151,7 +141,9 @@ def test_yielded_tensors_are_the_peft_export_tensor_for_tensor(cases, layout):
     assert len(live) == len(layers) * 7 * 2  # q, k, v, o, gate, up, down; A and B
     assert all(t.any() for k, t in live.items() if "lora_B" in k), "every B is non-zero"
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["exclude_modules"] is None
-    assert rank0["backup_unchanged"] and rank1["backup_unchanged"]
+    for rank, r in enumerate((rank0, rank1)):
+        before, after = r["backup"]
+        assert_same(after, before, f"{layout} rank {rank}: slime's backup after the reads")
 
 
 def test_tp2_sp_yields_what_tp1_yields(cases):

@@ -11,8 +11,8 @@ import te_emulation
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import run_on_ranks
-from support import tiny_moe
+from megatron_cpu.launch import run_on_ranks
+from support import lora_helpers, peft_reference, tiny_moe
 from support.compare import assert_same
 
 LAYOUTS = ["EP2", "ETP2", "TP2+SP EP2"]
@@ -20,22 +20,11 @@ ARCH = "Qwen3MoeForCausalLM"
 NUM_EXPERTS = tiny_moe.EXPERTS
 
 
-def _read_peft_folder(path):
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    return (json.loads((folder / "adapter_config.json").read_text()),
-            load_file(folder / "adapter_model.safetensors"))
-
-
 def moe_producer_cases(out_dir: str, expert_layout: str):
     import torch.distributed as dist
 
     from megatron_lora import export_peft_adapter, gather_peft_adapter
-    from megatron_lora.adapter_tensors import adapter_state
+    from megatron_lora.sync.adapter_tensors import adapter_state
     from support import moe_cases
 
     out = {}
@@ -43,14 +32,14 @@ def moe_producer_cases(out_dir: str, expert_layout: str):
         sp = moe_cases.use_layout(layout)
         config = LoRAConfig(r=4, alpha=8, expert_layout=expert_layout)
         model = moe_cases.lora_moe(config, te=True, sp=sp)
-        moe_cases.set_nonzero_B(model)
+        lora_helpers.set_nonzero_B(model, seed=0, scale=0.1)
         backup = {f"module.module.{n}": t.detach().clone()
                   for n, t in adapter_state(model).items()}
         gathered = gather_peft_adapter(backup, model, architecture=ARCH)
         export_peft_adapter(model, f"{out_dir}/{layout}", architecture=ARCH)
         if dist.get_rank() == 0:
             out[layout] = {"gathered": (gathered.config, gathered.tensors()),
-                           "export": _read_peft_folder(f"{out_dir}/{layout}")}
+                           "export": peft_reference.read_peft_folder(f"{out_dir}/{layout}")}
         else:
             out[layout] = {"gathered": gathered}
         dist.barrier()

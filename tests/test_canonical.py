@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import canonical_cases, hf_llama, peft_cases, peft_reference
 from support.compare import assert_same
 from support.outcomes import assert_raised

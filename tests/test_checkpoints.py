@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
 from support import lora_helpers, tiny_gpt
 from support.compare import assert_same
 from support.outcomes import assert_raised, outcome
@@ -192,7 +192,7 @@ KILLED_SAVE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     torch.distributed.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
     initialize_model_parallel(tp=1)
     import test_checkpoints
     from support import lora_helpers

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from megatron_lora.runtime.launch import RankError, initialize_model_parallel, run_on_ranks
+from megatron_cpu.launch import RankError, initialize_model_parallel, run_on_ranks
 from support import tiny_gpt
 from support.compare import assert_same
 
@@ -97,3 +97,21 @@ def test_a_hanging_run_times_out():
     with pytest.raises(TimeoutError, match=r"did not finish within 10s"):
         run_on_ranks(sleep_forever, world_size=2, timeout=10)
     assert time.monotonic() - start < 30
+
+
+def test_progress_off_a_terminal_is_a_plain_line_every_tenth_of_the_steps():
+    """CI and `make demo 2> log` read these lines; a tqdm bar would be one line of carriage
+    returns there."""
+    import io
+
+    from megatron_cpu.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress("LoRA", 25, stream=stream)
+    for step in range(25):
+        progress.update(step, loss=f"{1 / (step + 1):.3f}")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "LoRA: step 2/25 loss 0.500"
+    assert lines[-1] == "LoRA: step 25/25 loss 0.040"
+    assert len(lines) == 13 and "\r" not in stream.getvalue()

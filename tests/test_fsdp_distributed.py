@@ -24,7 +24,7 @@ from fsdp_lora import (
     unmerge_lora_weights,
 )
 from fsdp_lora.full_params import full_value, hf_module_name
-from megatron_lora.runtime.processes import run_on_ranks
+from megatron_cpu.processes import run_on_ranks
 from support.compare import assert_same
 from support.fsdp_llama import BATCH, build_llama, token_batches
 from support.outcomes import assert_raised, outcome

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lora_common import HF_TARGET_MODULES, MEGATRON_TARGET_MODULES
-from megatron_lora.interop import hf_mapping
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
+from megatron_lora.interop import architectures, hf_mapping
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.hf_mapping import fuse_fc1, fuse_qkv, split_fc1, split_qkv
 from megatron_lora.layers.sharding import shard
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
 from support import hf_llama
 from support.compare import assert_same
 from support.outcomes import assert_raised, outcome
@@ -96,9 +96,9 @@ def test_unknown_architecture_is_named_with_the_known_ones():
     known = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
              "Qwen3MoeForCausalLM, MixtralForCausalLM, DeepseekV3ForCausalLM$")
     with pytest.raises(ValueError, match=f"unknown architecture GPT2LMHeadModel; .* knows {known}"):
-        hf_mapping.architecture("GPT2LMHeadModel")
+        architectures.architecture("GPT2LMHeadModel")
     with pytest.raises(ValueError, match="unknown architecture model_type 'gpt2'"):
-        hf_mapping.architecture(GPT2Config())
+        architectures.architecture(GPT2Config())
     with pytest.raises(ValueError, match="unknown architecture GPT2LMHeadModel"):
         Geometry.from_hf(type("Config", (), {"architectures": ["GPT2LMHeadModel"]})())
 
@@ -106,7 +106,7 @@ def test_unknown_architecture_is_named_with_the_known_ones():
 @pytest.mark.parametrize("model_type", list(hf_llama.VARIANTS))
 def test_mapping_names_the_real_hf_modules_and_their_extras(model_type):
     model = hf_llama.build_hf_model(hf_llama.hf_config(model_type))
-    arch = hf_mapping.architecture(model.config)
+    arch = architectures.architecture(model.config)
     assert type(model).__name__ == arch.name
     attention = model.model.layers[0].self_attn
     assert arch.qkv_bias == (attention.q_proj.bias is not None)
@@ -230,7 +230,7 @@ def conversions_at_every_layout():
             gpt = hf_llama.gpt_from_hf(hf_model, sequence_parallel=sp)
             out["logits"][model_type, tp, sp] = (hf_llama.hf_logits(hf_model, input_ids),
                                                  hf_llama.gpt_logits(gpt, input_ids))
-            if not sp and not hf_mapping.architecture(hf_model.config).qk_norm:
+            if not sp and not architectures.architecture(hf_model.config).qk_norm:
                 out["qkv"][model_type, tp] = per_head_qkv_of_both(hf_model, gpt)
 
     llama = hf_models["llama"]

@@ -4,7 +4,7 @@ the init does not depend on TP, and the parameter attributes and count are right
 import pytest
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
 from support import lora_helpers, tiny_gpt
 from support.compare import assert_same
 

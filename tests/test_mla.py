@@ -1,5 +1,5 @@
 """LoRA on multi-latent attention (DeepSeek-V3's): every MLA linear adapts through the same
-factory and spec walk, the duplicated TE down projections get the duplicated family, and the
+factory and spec walk, the duplicated TE down projections get the duplicated split kind, and the
 model trains the same at TP=1, TP=2+SP and TP=2 (on megatron-core's TE layer spec, emulated);
 adapter and dist checkpoints saved at TP=2+SP reload at TP=1 exactly."""
 
@@ -7,7 +7,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import mla_cases
 from support.compare import assert_same
 
@@ -18,9 +18,9 @@ def te_mla(tmp_path_factory):
                         args=(str(tmp_path_factory.mktemp("mla")),), timeout=600)
 
 
-def test_every_mla_linear_gets_its_family(te_mla):
-    families = te_mla[0][(2, True)]["families"]
-    assert families == {
+def test_every_mla_linear_gets_its_split_kind(te_mla):
+    splits = te_mla[0][(2, True)]["splits"]
+    assert splits == {
         "linear_q_down_proj": ("LoRATELinear", "duplicated"),
         "linear_kv_down_proj": ("LoRATELinear", "duplicated"),
         "linear_q_up_proj": ("LoRATELayerNormColumnParallelLinear", "column"),

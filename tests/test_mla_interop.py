@@ -6,10 +6,9 @@ model; PEFT adapters made by real peft on the HF model import exactly, fused or 
 import json
 
 import pytest
-import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
-from support import hf_deepseek, hf_llama, mla_cases
+from megatron_cpu.launch import run_on_ranks
+from support import hf_deepseek, hf_llama, mla_cases, peft_reference
 
 # The MLA linears' HF names. Real PEFT (0.21.2 with transformers 5) rewrites DeepSeek-V3's
 # gate_proj / up_proj / down_proj targets into its fused experts' `target_parameters`, so an
@@ -17,26 +16,13 @@ from support import hf_deepseek, hf_llama, mla_cases
 MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
-def make_peft_adapter(directory, target_modules, r=4, alpha=16):
-    """A PEFT adapter made by real peft on the HF DeepSeek-V3, with random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(hf_deepseek.build_hf_model(), LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=target_modules))
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    model.save_pretrained(str(directory))
-    return str(directory)
+def make_peft_adapter(directory, target_modules, r=4):
+    return str(peft_reference.make_peft_adapter(directory, target_modules, r, 16, seed=11,
+                                                hf_model=hf_deepseek.build_hf_model()))
 
 
 def peft_logits(adapter_dir):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(hf_deepseek.build_hf_model(), str(adapter_dir)).eval()
-    return hf_llama.hf_logits(model, hf_llama.tokens())
+    return peft_reference.peft_logits(adapter_dir, hf_deepseek.build_hf_model())[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +70,12 @@ def test_peft_adapters_import_exactly(deepseek, canonical):
 
 
 def test_an_mla_export_with_dense_mlp_adapters_warns_what_peft_will_ignore():
-    from megatron_lora.interop import hf_mapping
+    from megatron_lora.interop import architectures
     from megatron_lora.interop.peft_export import architecture_warnings
 
-    deepseek = hf_mapping.architecture("DeepseekV3ForCausalLM")
+    deepseek = architectures.architecture("DeepseekV3ForCausalLM")
     assert architecture_warnings(deepseek, ("linear_proj", "linear_q_up_proj")) == []
     (note,) = architecture_warnings(deepseek, ("linear_fc1", "linear_proj"))
     assert "ignores the adapters of linear_fc1" in note
-    assert architecture_warnings(hf_mapping.architecture("LlamaForCausalLM"), ("linear_fc1",)) == []
+    llama = architectures.architecture("LlamaForCausalLM")
+    assert architecture_warnings(llama, ("linear_fc1",)) == []

@@ -11,7 +11,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import moe_cases, tiny_moe
 
 # Losses agree to float rounding; adapters after 3 Adam steps to the rounding that Adam's

@@ -7,7 +7,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import moe_checkpoint_cases
 
 RESHARDS = {  # (TE grouped experts, expert layout, saved at, loaded at)

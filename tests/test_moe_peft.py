@@ -12,7 +12,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import hf_llama, moe_peft_cases
 
 EXPORTS = [  # name, HF model, expert layout, TE grouped experts, expand shared factors

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_lora.runtime.launch import run_on_ranks
-from support import hf_llama, peft_cases
+from megatron_cpu.launch import run_on_ranks
+from support import hf_llama, peft_cases, peft_reference
 from support.compare import assert_same
 from support.outcomes import assert_raised
 
@@ -22,12 +22,7 @@ LAYOUTS = [(2, True), (1, False)]
 
 
 def peft_logits(adapter_dir, model_type="llama"):
-    from peft import PeftModel
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(peft_cases.hf_model(model_type), str(adapter_dir)).eval()
-    return hf_llama.hf_logits(model, hf_llama.tokens()), [str(w.message) for w in caught]
+    return peft_reference.peft_logits(adapter_dir, peft_cases.hf_model(model_type))
 
 
 @pytest.fixture(scope="module")
@@ -92,27 +87,13 @@ def test_offline_export_equals_live_export(exported, tmp_path):
         (tmp_path / "offline" / "adapter_config.json").read_text()
 
 
-def make_peft_adapter(directory, target_modules, r=4, alpha=16, use_rslora=False):
-    """A PEFT adapter made by real peft on the HF model, with random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(peft_cases.hf_model(), LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=target_modules, use_rslora=use_rslora))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    model.save_pretrained(str(directory))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def peft_adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    return [str(make_peft_adapter(root / "all", ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                  "gate_proj", "up_proj", "down_proj"])),
-            str(make_peft_adapter(root / "qv_rslora", ["q_proj", "v_proj"], r=8, use_rslora=True))]
+    make = peft_reference.make_peft_adapter
+    return [str(make(root / "all", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "up_proj", "down_proj"])),
+            str(make(root / "qv_rslora", ["q_proj", "v_proj"], r=8, use_rslora=True))]
 
 
 def test_peft_adapter_imports_exactly_at_tp1_and_tp2(peft_adapters):
@@ -136,7 +117,8 @@ def test_peft_adapter_imports_exactly_at_tp1_and_tp2(peft_adapters):
 
 def test_bad_peft_adapters_are_named_and_leave_the_model_untouched(peft_adapters, tmp_path):
     good = Path(peft_adapters[0])
-    wrong_geometry = make_peft_adapter(tmp_path / "wide", ["q_proj"])  # then widen one tensor
+    # then widen one tensor
+    wrong_geometry = peft_reference.make_peft_adapter(tmp_path / "wide", ["q_proj"])
     tensors = load_file(wrong_geometry / "adapter_model.safetensors")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     tensors[key] = torch.zeros(80, 4)

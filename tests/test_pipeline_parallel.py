@@ -4,7 +4,7 @@ PP sizes (each stage holds different layers; rank 0 gathers them all)."""
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
 from support import lora_helpers, tiny_gpt
 from support.compare import assert_same
 
@@ -24,7 +24,7 @@ def stage_model(pp_rank: int, pp: int, **overrides):
 
 
 def canonical_state(model):
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     return {f"{name}.{m}": getattr(module, m).weight.detach().clone()
             for name, module in lora_modules(model).items() for m in ("lora_A", "lora_B")}

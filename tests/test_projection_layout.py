@@ -82,6 +82,6 @@ def test_fuse_is_differentiable_to_each_projection():
 def test_rows_that_are_not_whole_projections_are_named():
     layout = ProjectionLayout.qkv(4, 2, 5)
     with pytest.raises(ValueError, match="not whole groups"):
-        layout.local_rows(33)
+        layout.rows(33)
     with pytest.raises(ValueError, match=r"B of q has shape \(8, 3\)"):
         layout.fuse({"q": random(R, HIDDEN, seed=0)}, {"q": random(8, R, seed=1)}, 40)

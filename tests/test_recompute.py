@@ -13,7 +13,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import recompute_cases
 
 GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
@@ -35,15 +35,15 @@ def moe():
                         args=(["TP1", "TP2+SP", "PP2"],))
 
 
-def _judge(ranks, family: str):
-    """Every setting of each (layout, family) equals that layout's "none" run on every rank;
+def _judge(ranks, model: str):
+    """Every setting of each (layout, model) equals that layout's "none" run on every rank;
     the reference moves every adapter (a cut-off adapter would keep its value)."""
     compared = 0
     for rank in ranks:
         for (layout, kind, setting), got in rank.items():
-            if kind != family and not (family == "spec" and kind == "post-hoc"):
+            if kind != model and not (model == "spec" and kind == "post-hoc"):
                 continue
-            ref = rank[(layout, family if kind != "post-hoc" else "spec", "none")]
+            ref = rank[(layout, model if kind != "post-hoc" else "spec", "none")]
             assert ref["grads"] and all(g.abs().sum() > 0 for g in ref["grads"].values())
             assert got["grads"].keys() == ref["grads"].keys(), (layout, kind, setting)
             for name, grad in ref["grads"].items():

@@ -23,7 +23,7 @@ import torch
 from lora_common import LoRAConfig
 from lora_common.atomic import atomic_write_bytes, remove_stale_temporaries
 from lora_common.peft_files import ADAPTER_CONFIG_FILE, read_peft_adapter
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import fsdp_llama, lora_helpers, tiny_gpt
 from support.compare import assert_same
 from support.outcomes import assert_raised, outcome

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
 from support import sglang_wheel, tiny_gpt
 from support.compare import assert_same
 
@@ -37,9 +37,9 @@ def payload_case():
     """At TP=2 + SP: the config and payload the adapter sync sends, what it was made of, and
     the model's full fused adapters and scaling."""
     from megatron_lora import full_adapter_tensors, gather_peft_adapter, lora_spec
-    from megatron_lora.adapter_tensors import adapter_state
     from megatron_lora.interop import sglang
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
+    from megatron_lora.sync.adapter_tensors import adapter_state
     from support import lora_helpers
 
     initialize_model_parallel(tp=2)
@@ -99,7 +99,7 @@ def test_every_engine_tp_rank_can_read_the_one_string(sent):
 def test_sglang_loads_every_tensor_under_the_names_it_expects(sent):
     from megatron_lora.interop import hf_mapping
     from megatron_lora.interop.geometry import Geometry
-    from megatron_lora.rollout_sync import sglang_launch_flags
+    from megatron_lora.sync.slime import sglang_launch_flags
 
     tensors = sglang_wheel.serializer().deserialize(sent["payload"])
     geometry = Geometry(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,

@@ -53,7 +53,7 @@ def slime_trees(tmp_path_factory):
 @pytest.fixture(scope="session")
 def layout_runs(slime_trees, tmp_path_factory):
     """`layout_runs(name)`: the 2-rank launch of one layout, run once per session."""
-    from megatron_lora.runtime.processes import run_on_ranks
+    from megatron_cpu.processes import run_on_ranks
     from support.slime import runtime, stages, tiny_qwen2
 
     runs = {}

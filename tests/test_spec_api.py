@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_common import LoRAConfig, add_lora_arguments
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 from support import tiny_gpt
 from support.compare import assert_same
 from support.outcomes import assert_raised, outcome

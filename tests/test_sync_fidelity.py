@@ -5,7 +5,7 @@ that holds `W + s B A` rounded to bf16."""
 
 from __future__ import annotations
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 
 LRS = (1e-4, 1e-3)  # an RL-sized step and a larger one
 

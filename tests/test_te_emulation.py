@@ -14,7 +14,7 @@ import pytest
 import te_emulation
 import torch
 
-from megatron_lora.runtime.launch import run_on_ranks
+from megatron_cpu.launch import run_on_ranks
 
 # bit for bit: the emulation runs the same torch ops as the local layers
 from support.compare import assert_same

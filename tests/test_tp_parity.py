@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lora_common import LoRAConfig
-from megatron_lora.runtime.collective_bytes import count_collective_bytes
-from megatron_lora.runtime.ddp_training import Schedule
-from megatron_lora.runtime.launch import initialize_model_parallel, run_on_ranks
+from megatron_cpu.collective_bytes import count_collective_bytes
+from megatron_cpu.ddp_training import Schedule
+from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
 from support import lora_helpers, tiny_gpt
 
 CONFIG = LoRAConfig(r=4, alpha=8)
@@ -52,7 +52,7 @@ def first_grad_norm(model, config):
         finalize_model_grads,
     )
 
-    from megatron_lora.runtime.ddp_training import grad_norm
+    from megatron_cpu.ddp_training import grad_norm
 
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                   model)

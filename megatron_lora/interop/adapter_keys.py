@@ -10,7 +10,7 @@
                                                                      experts (shared_outer)
 
 The same names whatever the TP, PP, EP or ETP split, and for SequentialMLP and grouped experts
-alike (`megatron_lora.model.lora_tensors`).
+alike (`megatron_lora.modules.lora_tensors`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_lora.interop.architectures import architecture
+
 # Fields that may be None (a dense model) and that headers written before them lack.
 OPTIONAL_FIELDS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
@@ -91,8 +93,6 @@ class Geometry:
     @classmethod
     def from_hf(cls, config: Any) -> Geometry:
         """From an HF config of a known architecture (all of them use SwiGLU)."""
-        from megatron_lora.interop.hf_mapping import architecture
-
         arch = architecture(config)
         mla, moe = arch.attention == "mla", arch.moe
         heads = config.num_attention_heads

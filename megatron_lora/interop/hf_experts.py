@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from megatron_lora.interop.hf_mapping import ARCHITECTURES, Architecture, ExpertNames
+from megatron_lora.interop.architectures import ARCHITECTURES, Architecture, ExpertNames
 
 _HF_PREFIX = r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\."
 

@@ -1,5 +1,5 @@
-"""Megatron GPT <-> HuggingFace Llama-family names and tensor layouts, written once (the MoE
-experts' names: `hf_experts.py`).
+"""Megatron GPT <-> HuggingFace Llama-family names and tensor layouts, written once (the
+architectures: `architectures.py`; the MoE experts' names: `hf_experts.py`).
 
 Used by the PEFT export and import (and by the tests that convert an HF model into a Megatron
 `GPTModel`). No transformers or Megatron import: the functions take names, plain tensors and
@@ -11,7 +11,8 @@ Three things differ between the two worlds:
 - fusion: Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`; HF keeps them
   apart. Megatron's fused q/k/v rows are interleaved per query group,
   `[q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...]` (this is what lets a
-  column-parallel split hand every rank whole groups); the full `linear_fc1` is `[gate; up]`.
+  column-parallel split hand every rank whole groups); the full `linear_fc1` is `[gate; up]`
+  (`lora_common/fused_rows.py` holds both layouts).
 - per-architecture extras: Qwen2 has q/k/v biases, Qwen3 normalizes each head's q and k.
 - multi-latent attention (DeepSeek-V3; `attention="mla"`): one HF module per Megatron linear,
   nothing fused (`q_a_proj` <-> `linear_q_down_proj`, ...). HF's `q_proj` is then MLA's
@@ -28,125 +29,36 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from lora_common.fused_rows import RowLayout
 from lora_common.targets import PROJECTION_TARGETS, PROJECTIONS
 from megatron_lora.interop.geometry import Geometry
 
-# --- architectures -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """How an HF MoE architecture names its routed experts in the per-expert form PEFT adapters
-    use (transformers 4 module names, which SGLang and vLLM read and PEFT converts on load for
-    transformers 5's fused experts): `model.layers.{l}.<path>.{e}.<gate|up|down>`."""
-
-    path: str               # the experts inside an HF layer
-    gate: str
-    up: str
-    down: str
-    num_experts_field: str  # HF config field: experts per layer
-    ffn_field: str          # HF config field: each expert's ffn width
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """An HF Llama-family causal LM class and what its layers carry beyond Llama's."""
-
-    name: str        # HF class name, as in `config.architectures`
-    model_type: str  # HF `config.model_type`
-    qkv_bias: bool   # q/k/v projections have biases (o_proj and the MLP do not)
-    qk_norm: bool    # RMSNorm over each head's q and k, before RoPE
-    attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
-    moe: ExpertNames | None = None  # routed experts (MoE architectures), no shared experts
-
-
-QWEN3_MOE_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
-                                num_experts_field="num_experts", ffn_field="moe_intermediate_size")
-MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe.experts", "w1", "w3", "w2",
-                              num_experts_field="num_local_experts", ffn_field="intermediate_size")
-
-ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (
-        Architecture("LlamaForCausalLM", "llama", qkv_bias=False, qk_norm=False),
-        Architecture("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False),
-        Architecture("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
-        Architecture("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
-        Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
-                     moe=QWEN3_MOE_EXPERTS),
-        Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
-                     moe=MIXTRAL_EXPERTS),
-        # Dense layers; routed experts are not mapped (their HF and Megatron names differ).
-        Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
-                     attention="mla"),
-    )
-}
-
-
-def architecture(name_or_config: str | Any) -> Architecture:
-    """The known architecture named by a class name, or that of an HF config (its
-    `architectures` list, else its `model_type`: configs built in code have no list)."""
-    if isinstance(name_or_config, str):
-        name = name_or_config
-    else:
-        names = getattr(name_or_config, "architectures", None) or []
-        if len(names) > 1:
-            raise ValueError(f"HF config lists several architectures {names}; expected one")
-        if names:
-            name = names[0]
-        else:
-            by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
-            model_type = getattr(name_or_config, "model_type", None)
-            name = by_type.get(model_type, f"model_type {model_type!r}")
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name}; megatron_lora.interop.hf_mapping knows "
-                         f"{', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
-
-
 # --- layouts -------------------------------------------------------------------------------
-
-
-def _rows(tensor: torch.Tensor, expected: int, what: str) -> None:
-    if tensor.dim() == 0 or tensor.shape[0] != expected:
-        raise ValueError(f"{what}: expected {expected} rows (dim 0), "
-                         f"got shape {tuple(tensor.shape)}")
 
 
 def split_qkv(fused: torch.Tensor, num_heads: int, num_query_groups: int, kv_channels: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HF's q, k, v (rows in head order) from Megatron's fused `linear_qkv` rows
     `[q heads of group g; k_g; v_g]` for each group g. Works for MHA (groups == heads)."""
-    if num_heads % num_query_groups:
-        raise ValueError(f"split_qkv: {num_heads} heads do not divide into "
-                         f"{num_query_groups} groups")
-    per_group = num_heads // num_query_groups
-    _rows(fused, (num_heads + 2 * num_query_groups) * kv_channels, "split_qkv fused tensor")
-    rest = fused.shape[1:]
-    grouped = fused.reshape(num_query_groups, (per_group + 2) * kv_channels, *rest)
-    q, k, v = grouped.split([per_group * kv_channels, kv_channels, kv_channels], dim=1)
-    return tuple(part.reshape(-1, *rest) for part in (q, k, v))
+    layout = _qkv_layout(num_heads, num_query_groups, kv_channels, "split_qkv")
+    _rows(fused, sum(layout.group_rows) * num_query_groups, "split_qkv fused tensor")
+    return layout.split(fused)
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
              num_query_groups: int, kv_channels: int) -> torch.Tensor:
     """Inverse of `split_qkv`: Megatron's per-group interleaved `linear_qkv` rows."""
-    if num_heads % num_query_groups:
-        raise ValueError(f"fuse_qkv: {num_heads} heads do not divide into "
-                         f"{num_query_groups} groups")
+    layout = _qkv_layout(num_heads, num_query_groups, kv_channels, "fuse_qkv")
     _rows(q, num_heads * kv_channels, "fuse_qkv q")
     _rows(k, num_query_groups * kv_channels, "fuse_qkv k")
     _rows(v, num_query_groups * kv_channels, "fuse_qkv v")
-    if not q.shape[1:] == k.shape[1:] == v.shape[1:]:
-        raise ValueError(f"fuse_qkv: q, k, v differ beyond dim 0: "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    rest = q.shape[1:]
-    grouped = [t.reshape(num_query_groups, -1, *rest) for t in (q, k, v)]
-    return torch.cat(grouped, dim=1).reshape(-1, *rest)
+    try:
+        return layout.interleave([q, k, v])
+    except ValueError as error:
+        raise ValueError(f"fuse_qkv: {error}") from None
 
 
 def split_fc1(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +66,27 @@ def split_fc1(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if fused.dim() == 0 or fused.shape[0] % 2:
         raise ValueError(f"split_fc1: fused fc1 needs an even number of rows, got shape "
                          f"{tuple(fused.shape)}")
-    gate, up = fused.chunk(2, dim=0)
-    return gate, up
+    return RowLayout.fc1().split(fused)
 
 
 def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Inverse of `split_fc1`."""
     if gate.shape != up.shape:
         raise ValueError(f"fuse_fc1: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    return torch.cat([gate, up], dim=0)
+    return RowLayout.fc1().interleave([gate, up])
+
+
+def _qkv_layout(num_heads: int, num_query_groups: int, kv_channels: int, what: str) -> RowLayout:
+    try:
+        return RowLayout.qkv(num_heads, num_query_groups, kv_channels)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
+def _rows(tensor: torch.Tensor, expected: int, what: str) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] != expected:
+        raise ValueError(f"{what}: expected {expected} rows (dim 0), "
+                         f"got shape {tuple(tensor.shape)}")
 
 
 # --- LoRA target modules -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lora_common.peft_files import adapter_config_dict, write_peft_adapter
-from megatron_lora.interop import hf_experts, hf_mapping
+from megatron_lora.interop import architectures, hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint
 from megatron_lora.interop.adapter_keys import EXPERTS, SHARED_EXPERTS, parse_adapter_key
 
@@ -44,7 +44,7 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
     """(HF module name -> (A, B), shared expert module -> ([1, ...] A or None, B or None)) for
     every adapter in a Megatron adapter checkpoint. Without `expand_shared`, an expert's factor
     shared by the layer's experts is None in the first dict and given once in the second."""
-    arch = hf_mapping.architecture(architecture)
+    arch = architectures.architecture(architecture)
     if checkpoint.geometry.num_moe_experts and arch.moe is None:
         hf_experts.require_experts(arch)
     units: dict[tuple, dict[str, torch.Tensor]] = {}

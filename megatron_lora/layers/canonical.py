@@ -12,8 +12,8 @@ own rows, which hands every rank exactly its groups' rows (`projection_layout.py
 column rule holds per projection and everything downstream (merge per shard, the merged stream,
 checkpoints at any TP size) goes through the one adapter the projections amount to per rank.
 
-The mixin goes in front of a column family's mixin (`registry.lora_linear_class` with
-`projections`): the family wires the forward (local, TE, TE with fused norm), this mixin holds
+The mixin goes in front of a column split kind's mixin (`registry.lora_linear_class` with
+`projections`): the split kind wires the forward (local, TE, TE with fused norm), this mixin holds
 the projections.
 """
 
@@ -73,7 +73,7 @@ class CanonicalLoRAMixin(LoRAParallelLinear):
     def create_lora_parameters(self, stride: int) -> None:
         self.lora_layout = projection_layout(self, self.lora_projections)
         out_local, in_local = self.weight.shape
-        rows = self.lora_layout.local_rows(out_local)
+        rows = self.lora_layout.rows(out_local)
         r = self.lora_config.r
         for p in self.lora_projections:
             # B_p is split on its own rows, contiguously (stride 1), whatever W's stride.

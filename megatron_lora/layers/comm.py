@@ -1,4 +1,4 @@
-"""The adapter's communication: the one `[tokens, r]` collective each family needs.
+"""The adapter's communication: the one `[tokens, r]` collective each split kind needs.
 
 Megatron's `tensor_parallel/mappings.py` regions, applied to the adapter's hidden activation
 `h = A x` instead of to a hidden-sized tensor (shapes in Megatron's `[s, b, r]`; `s/tp` is this
@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from megatron_lora.layers.sharding import COLUMN, DUPLICATED, ROW, Family, group_size_rank
+from megatron_lora.layers.sharding import COLUMN, DUPLICATED, ROW, SplitKind, group_size_rank
 
 
 def column_hidden(h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -53,6 +53,7 @@ def duplicated_hidden(h: torch.Tensor, group, sequence_parallel: bool) -> torch.
 HIDDEN_COLLECTIVE = {COLUMN: column_hidden, ROW: row_hidden, DUPLICATED: duplicated_hidden}
 
 
-def reduce_hidden(family: Family, h: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """The collective `family`'s adapter applies to `h = A x` before B."""
-    return HIDDEN_COLLECTIVE[family](h, group, sequence_parallel)
+def reduce_hidden(split: SplitKind, h: torch.Tensor, group,
+                  sequence_parallel: bool) -> torch.Tensor:
+    """The collective `split`'s adapter applies to `h = A x` before B."""
+    return HIDDEN_COLLECTIVE[split](h, group, sequence_parallel)

@@ -40,12 +40,22 @@ the dense DP group: the wrong group, harmless for a frozen base, wrong for an ad
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megatron_lora.layers.sharding import group_size_rank
+
+_LOCAL_EXPERT = re.compile(r"(?:^|\.)local_experts\.\d+(?=\.)")
+
+
+def target_path(path: str) -> str:
+    """`path` with SequentialMLP's `local_experts.<i>` segment left out: the one name of an
+    expert linear whatever the expert implementation holds it as (`...mlp.experts.linear_fc1`
+    for every local expert of a SequentialMLP and for a grouped linear alike)."""
+    return _LOCAL_EXPERT.sub("", path)
 
 
 @dataclass(frozen=True)

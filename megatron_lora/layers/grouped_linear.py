@@ -45,7 +45,7 @@ class LoRAGroupedLinear(LoRAParallelLinear):
     # ----- parameters -------------------------------------------------------------------
 
     def add_lora(self, stride: int | None = None) -> None:
-        config, family = self.lora_config, self.lora_family
+        config, split = self.lora_config, self.lora_split
         name = type(self).__name__
         if getattr(self, "single_grouped_weight", False):
             raise ValueError(f"{name}: LoRA needs the experts' weights as weight0..weight<E-1>; "
@@ -63,21 +63,21 @@ class LoRAGroupedLinear(LoRAParallelLinear):
             return LoRAExpertFactors([fill(*shape, dtype=dtype, device=device)
                                       for _ in range(experts)])
 
-        self.lora_A = factor((config.r, in_local), shared and family is COLUMN, torch.empty)
-        self.lora_B = factor((out_local, config.r), shared and family is ROW, torch.zeros)
+        self.lora_A = factor((config.r, in_local), shared and split is COLUMN, torch.empty)
+        self.lora_B = factor((out_local, config.r), shared and split is ROW, torch.zeros)
         self.lora_scaling = config.scaling
         self.lora_merged = False
         self.lora_disabled = 0
 
         # fc1 of a gated MLP holds [gate_i; up_i] per expert-TP rank (TEGroupedMLP's sharded
         # state dict saves it through the SwiGLU factory), whatever stride TE marks it with.
-        split_stride = 2 if family is COLUMN and self.config.gated_linear_unit else 1
+        split_stride = 2 if split is COLUMN and self.config.gated_linear_unit else 1
         use_groups = uses_expert_groups(self.lora_tp_group, self.lora_ep_group,
                                         self.config.tensor_model_parallel_size)
         for matrix in (sharding.A, sharding.B):
             for param in getattr(self, matrix).parameters():
-                if matrix == family.split:
-                    set_tensor_model_parallel_attributes(param, True, family.split_dim,
+                if matrix == split.split:
+                    set_tensor_model_parallel_attributes(param, True, split.split_dim,
                                                          split_stride)
                 else:
                     set_tensor_model_parallel_attributes(param, False, -1, 1)
@@ -166,14 +166,14 @@ class LoRAGroupedLinear(LoRAParallelLinear):
         singleton = metadata.get("singleton_local_shards", False)
         dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
             with_context_parallel=True)
-        family, pg = self.lora_family, self._pg_collection
+        split, pg = self.lora_split, self._pg_collection
         ep, edp = pg.ep, pg.expt_dp
         total, axis = ep.size() * self.num_gemms, len(sharded_offsets)
-        swiglu = family is COLUMN and self.config.gated_linear_unit
+        swiglu = split is COLUMN and self.config.gated_linear_unit
         state = {}
         for matrix in (sharding.A, sharding.B):
             factor = getattr(self, matrix)
-            axis_map = {f"{matrix}.weight": family.split_dim} if matrix == family.split else {}
+            axis_map = {f"{matrix}.weight": split.split_dim} if matrix == split.split else {}
             if isinstance(factor, LoRAFactor):
                 sub = make_sharded_tensors_for_checkpoint(
                     {f"{matrix}.weight": factor.weight}, prefix, axis_map, sharded_offsets,
@@ -215,7 +215,7 @@ class LoRAGroupedLinear(LoRAParallelLinear):
         expert-TP group, a shared one over expert-TP x EP (`expert.py`); one all-reduce for all
         experts' matrices of a kind."""
         experts = self.num_gemms
-        whole = sharding.A if self.lora_family is COLUMN else sharding.B
+        whole = sharding.A if self.lora_split is COLUMN else sharding.B
         matrices = {}
         for matrix in (sharding.A, sharding.B):
             factor = getattr(self, matrix)
@@ -235,10 +235,10 @@ class LoRAGroupedLinear(LoRAParallelLinear):
 class LoRATEColumnParallelGroupedMixin(LoRAGroupedLinear):
     """LoRA for megatron-core's `TEColumnParallelGroupedLinear` (MoE experts' fc1)."""
 
-    lora_family = COLUMN
+    lora_split = COLUMN
 
 
 class LoRATERowParallelGroupedMixin(LoRAGroupedLinear):
     """LoRA for megatron-core's `TERowParallelGroupedLinear` (MoE experts' fc2)."""
 
-    lora_family = ROW
+    lora_split = ROW

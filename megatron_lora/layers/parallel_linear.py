@@ -7,9 +7,9 @@ A LoRA linear *is* its base class (same constructor, same `weight`/`bias` names,
 
     lora_A.weight  [r, in]     lora_B.weight  [out, r]     y = W x + scaling * B A x
 
-`LoRAParallelLinear` holds what every family shares: the adapter parameters with Megatron's TP
+`LoRAParallelLinear` holds what every split kind shares: the adapter parameters with Megatron's TP
 attributes, their init, merge and unmerge, the dist-checkpoint description (`sharded_state.py`)
-and the adapter's forward. Which matrix is split where is the family's (`sharding.py`); the one
+and the adapter's forward. Which matrix is split where is the split kind's (`sharding.py`); the one
 collective on the `[tokens, r]` hidden activation is in `comm.py`. The mixins at the bottom wire
 the adapter into the forward of megatron-core's local linears; `te_linear.py` does the same for
 its Transformer Engine wrappers, `grouped_linear.py` for its grouped (MoE) linears.
@@ -43,22 +43,22 @@ from megatron_lora.layers.expert import (
     mark_expert_adapter,
     refuse_dropout,
     sum_grad_over,
+    target_path,
     uses_expert_groups,
 )
 from megatron_lora.layers.factor import AdapterPair, LoRAFactor
 from megatron_lora.layers.functional import accumulate_lora_output, is_te_quantized, merged_shard
 from megatron_lora.layers.sharded_state import adapter_sharded_state
-from megatron_lora.layers.sharding import COLUMN, ROW, Family
-from megatron_lora.targets import target_path
+from megatron_lora.layers.sharding import COLUMN, ROW, SplitKind
 
 
 class LoRAParallelLinear(LoRAState):
-    """What every LoRA linear adds to its base class. Subclasses set the family and wire the
+    """What every LoRA linear adds to its base class. Subclasses set the split kind and wire the
     forward; `registry.lora_linear_class` sets the config and the base class."""
 
     lora_config: LoRAConfig  # set on each generated class by `lora_linear_class`
     lora_base_class: type
-    lora_family: Family
+    lora_split: SplitKind
     lora_A: LoRAFactor
     lora_B: LoRAFactor
     lora_expert: ExpertPlace | None = None  # set by `configure_expert` on SequentialMLP experts
@@ -85,20 +85,20 @@ class LoRAParallelLinear(LoRAState):
 
     def create_lora_parameters(self, stride: int) -> None:
         """`lora_A [r, in/tp or in]` and `lora_B [out/tp or out, r]`, this rank's shards, with
-        the attributes the family's sharding rule gives them."""
+        the attributes the split kind's sharding rule gives them."""
         out_local, in_local = self.weight.shape
         self.lora_A = self.new_lora_factor(sharding.A, (self.lora_config.r, in_local), stride)
         self.lora_B = self.new_lora_factor(sharding.B, (out_local, self.lora_config.r), stride)
 
     def new_lora_factor(self, matrix: str, shape: tuple[int, int], stride: int = 1) -> LoRAFactor:
         """A zero adapter matrix (`sharding.A` or `sharding.B`) of this rank's `shape`, marked
-        with Megatron's attributes: split like the base weight if the family splits it, else
+        with Megatron's attributes: split like the base weight if the split kind splits it, else
         whole, and `sequence_parallel` where its grad is a partial sum over sequence shards."""
         factor = LoRAFactor(torch.zeros(shape, dtype=self.config.params_dtype,
                                         device=self.weight.device))
-        param, family = factor.weight, self.lora_family
-        if matrix == family.split:
-            set_tensor_model_parallel_attributes(param, True, family.split_dim, stride)
+        param, split = factor.weight, self.lora_split
+        if matrix == split.split:
+            set_tensor_model_parallel_attributes(param, True, split.split_dim, stride)
         else:
             set_tensor_model_parallel_attributes(param, False, -1, 1)
             if self.lora_sequence_parallel:
@@ -252,7 +252,7 @@ class LoRAParallelLinear(LoRAState):
         return state
 
     def lora_sharded_state(self, prefix, sharded_offsets, metadata) -> dict:
-        """The adapter's sharded tensors (A and B with the family's split, `sharded_state.py`).
+        """The adapter's sharded tensors (A and B split by the split kind, `sharded_state.py`).
         Inside a `SequentialMLP` expert the container adds the expert axis and the
         expert-data-parallel replica id, as it does for the base weight; a grouped linear
         overrides this with one entry per expert."""
@@ -266,18 +266,18 @@ class LoRAParallelLinear(LoRAState):
         x is the adapter's input as this rank holds it: `[s, b, in]` for a column target
         (`[s/tp, b, in]` under SP), `[s, b, in/tp]` for a row target; output is this rank's
         base output, `[s, b, out/tp]` (column) or `[s, b, out]` (row; `[s/tp, b, out]` under
-        SP). `reduce` is the family's `[tokens, r]` collective (`comm.py`). An expert's
+        SP). `reduce` is the split kind's `[tokens, r]` collective (`comm.py`). An expert's
         adapter has none (`expert.py`)."""
         if self.lora_expert is not None:
             return self._expert_lora_output(output, x)
         A, B = self.lora_weights()
-        sharded = self.lora_family.input_split or self.lora_sequence_parallel
+        sharded = self.lora_split.input_split or self.lora_sequence_parallel
         h = self.lora_hidden(x, A, sharded)                                 # [..., r]
-        h = reduce_hidden(self.lora_family, h, self.lora_tp_group, self.lora_sequence_parallel)
+        h = reduce_hidden(self.lora_split, h, self.lora_tp_group, self.lora_sequence_parallel)
         return accumulate_lora_output(output, h, B, self.lora_scaling)
 
     def lora_hidden(self, x: torch.Tensor, A: torch.Tensor, sharded: bool) -> torch.Tensor:
-        """`A dropout(x)`, this rank's `[..., r]` before the family's collective; `sharded`:
+        """`A dropout(x)`, this rank's `[..., r]` before the split kind's collective; `sharded`:
         whether x differs between TP ranks (which dropout stream to draw from)."""
         return F.linear(self._lora_dropout(x, sharded), A)
 
@@ -285,7 +285,7 @@ class LoRAParallelLinear(LoRAState):
         """The expert rule: x is this expert's tokens as the dispatcher hands them (the same on
         every ETP rank); the whole matrix's grad is summed over the expert-TP group."""
         A, B, group = self.lora_A.weight, self.lora_B.weight, self.lora_tp_group
-        if self.lora_family is COLUMN:
+        if self.lora_split is COLUMN:
             A = sum_grad_over(A, group)
         else:
             B = sum_grad_over(B, group)
@@ -307,7 +307,7 @@ class LoRAParallelLinear(LoRAState):
 class LoRAColumnParallelMixin(LoRAParallelLinear):
     """LoRA for `ColumnParallelLinear` and its subclasses (output split over TP)."""
 
-    lora_family = COLUMN
+    lora_split = COLUMN
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if not self.lora_active:
@@ -324,7 +324,7 @@ class LoRAColumnParallelMixin(LoRAParallelLinear):
 class LoRARowParallelMixin(LoRAParallelLinear):
     """LoRA for `RowParallelLinear` and its subclasses (input split over TP)."""
 
-    lora_family = ROW
+    lora_split = ROW
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)

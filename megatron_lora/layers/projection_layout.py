@@ -1,7 +1,7 @@
-"""Where each projection of a fused linear sits in one TP rank's output rows, and the one
-adapter that a set of per-projection adapters amounts to there.
+"""The one adapter that a set of per-projection adapters amounts to in one TP rank's output rows
+of a fused linear.
 
-Megatron fuses projections into one column-parallel weight:
+Megatron fuses projections into one column-parallel weight (`lora_common/fused_rows.py`):
 
     linear_qkv  rows per query group g: [q heads of g (heads/groups * kv_channels); k_g; v_g]
                 (kv_channels each); a rank holds groups/tp whole groups
@@ -24,44 +24,16 @@ adapter's arithmetic. Pure torch: no module, no Megatron.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from lora_common.fused_rows import RowLayout
 
-@dataclass(frozen=True)
-class ProjectionLayout:
-    """The projections of a fused linear in the order of its rows, and their rows per group.
 
-    `group_rows` is each projection's rows in one group (qkv: `(heads_per_group * kv_channels,
-    kv_channels, kv_channels)` per query group), or None for one group per rank whose rows the
-    projections share equally (SwiGLU fc1's `[gate_i; up_i]`)."""
-
-    projections: tuple[str, ...]
-    group_rows: tuple[int, ...] | None = None
-
-    @classmethod
-    def qkv(cls, num_attention_heads: int, num_query_groups: int, kv_channels: int):
-        per_group = num_attention_heads // num_query_groups
-        return cls(("q", "k", "v"), (per_group * kv_channels, kv_channels, kv_channels))
-
-    @classmethod
-    def fc1(cls):
-        return cls(("gate", "up"))
-
-    def local_rows(self, rows: int) -> dict[str, int]:
-        """Each projection's rows on a rank whose fused output has `rows` rows."""
-        if self.group_rows is None:
-            share, extra = divmod(rows, len(self.projections))
-            if extra:
-                raise ValueError(f"{rows} rows do not split into {self.projections}")
-            return {p: share for p in self.projections}
-        groups, extra = divmod(rows, sum(self.group_rows))
-        if extra:
-            raise ValueError(f"{rows} rows are not whole groups of {self.group_rows} "
-                             f"{self.projections} rows")
-        return {p: groups * n for p, n in zip(self.projections, self.group_rows, strict=True)}
+class ProjectionLayout(RowLayout):
+    """A fused linear's row layout (`lora_common.fused_rows.RowLayout`) with the one adapter
+    that per-projection adapters amount to on a rank."""
 
     def fuse(self, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], rows: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +46,7 @@ class ProjectionLayout:
                              f"{self.projections}")
         r = B[present[0]].shape[1]
         width = len(present) * r
-        expected = self.local_rows(rows)
+        expected = self.rows(rows)
         blocks = []
         for p in self.projections:
             if p not in B:
@@ -85,13 +57,4 @@ class ProjectionLayout:
                                  f"needs {(expected[p], r)}")
             column = present.index(p) * r
             blocks.append(F.pad(B[p], (column, width - column - r)))
-        return torch.cat([A[p] for p in present]), self._interleave(blocks, rows)
-
-    def _interleave(self, blocks: list[torch.Tensor], rows: int) -> torch.Tensor:
-        """Stack each projection's rows into the rank's layout: group by group."""
-        if self.group_rows is None:
-            return torch.cat(blocks)
-        groups = rows // sum(self.group_rows)
-        grouped = [b.reshape(groups, n, b.shape[1])
-                   for b, n in zip(blocks, self.group_rows, strict=True)]
-        return torch.cat(grouped, dim=1).reshape(rows, -1)
+        return torch.cat([A[p] for p in present]), self.interleave(blocks)

@@ -2,10 +2,10 @@
 
     lora_linear_class(ColumnParallelLinear, config)  ->  LoRAColumnParallelLinear
 
-A base class is matched to the mixin of the first family base it subclasses: megatron-core's
+A base class is matched to the mixin of the first base it subclasses: megatron-core's
 local parallel linears, and its Transformer Engine wrappers (grouped MoE linears included) when
 megatron-core found TE at import. With `projections` (canonical LoRA on a fused linear:
-`lora_common.targets`) the per-projection mixin (`canonical.py`) goes in front of the family's.
+`lora_common.targets`) the per-projection mixin (`canonical.py`) goes in front of the split kind's.
 One class is made per (base, config, projections), so the spec route and the post-hoc route
 build the same classes.
 """
@@ -26,7 +26,7 @@ from megatron_lora.layers.sharding import COLUMN
 
 
 @functools.cache
-def family_mixins() -> tuple[tuple[type, type], ...]:
+def split_mixins() -> tuple[tuple[type, type], ...]:
     """(base class, LoRA mixin) pairs; the first base a class subclasses decides. Resolved on
     first use: whether megatron-core found TE is settled when its TE extension is imported."""
     pairs = [(ColumnParallelLinear, LoRAColumnParallelMixin),
@@ -68,7 +68,7 @@ def is_lora_linear(module_or_class) -> bool:
 
 def supports_lora(cls: type) -> bool:
     """Whether `lora_linear_class` can lorafy `cls`."""
-    return isinstance(cls, type) and any(issubclass(cls, base) for base, _ in family_mixins())
+    return isinstance(cls, type) and any(issubclass(cls, base) for base, _ in split_mixins())
 
 
 def lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ...] = ()) -> type:
@@ -84,17 +84,17 @@ def lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ..
 
 @functools.cache
 def _lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ...]) -> type:
-    for family_base, mixin in family_mixins():
-        if isinstance(base, type) and issubclass(base, family_base):
+    for split_base, mixin in split_mixins():
+        if isinstance(base, type) and issubclass(base, split_base):
             attributes = {"lora_config": config, "lora_base_class": base, "__module__": __name__}
             if not projections:
                 return type(f"LoRA{base.__name__}", (mixin, base), attributes)
             from megatron_lora.layers.canonical import CanonicalLoRAMixin
 
-            if mixin.lora_family is not COLUMN:
+            if mixin.lora_split is not COLUMN:
                 raise TypeError(f"canonical LoRA ({', '.join(projections)}) needs a "
                                 f"column-parallel linear; got {base.__name__}")
             return type(f"CanonicalLoRA{base.__name__}", (CanonicalLoRAMixin, mixin, base),
                         {**attributes, "lora_projections": projections})
-    names = ", ".join(b.__name__ for b, _ in family_mixins())
+    names = ", ".join(b.__name__ for b, _ in split_mixins())
     raise TypeError(f"LoRA supports subclasses of {names}; got {getattr(base, '__name__', base)!r}")

@@ -2,7 +2,7 @@
 
 The base class maps only `weight`/`bias`, and would save a split adapter matrix as if it were
 replicated: one rank's shard kept, the others silently dropped. Each adapter tensor is
-described with its own split instead (the family's, `sharding.py`), so every shard is saved
+described with its own split instead (the split kind's, `sharding.py`), so every shard is saved
 and a checkpoint reloads at any TP size. SwiGLU fc1's B goes through Megatron's SwiGLU factory,
 as MLP's fc1 weight does, so the gate and up halves reshard like the weight's.
 """
@@ -31,7 +31,7 @@ NOT_IN_CHECKPOINT = _NotInCheckpoint()
 def adapter_sharded_state(module, prefix: str, sharded_offsets=(), metadata=None) -> dict:
     """Every adapter matrix of a LoRA linear (`{prefix}lora_A.weight`, `{prefix}lora_B.weight`,
     or a canonical one's `{prefix}lora_q.lora_A.weight`, ...) as a sharded tensor split as its
-    own TP attributes say (the family's rule), or, for SwiGLU fc1's B, a factory."""
+    own TP attributes say (the split kind's rule), or, for SwiGLU fc1's B, a factory."""
     metadata = metadata or {}
     dp_cp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(
         with_context_parallel=True)

@@ -1,11 +1,11 @@
-"""The sharding rule: how each family of parallel linears splits its adapter over TP ranks,
-and the tensor layout Megatron uses for a split tensor.
+"""The sharding rule: how each kind of parallel linear (by how its weight splits over TP) splits
+its adapter over TP ranks, and the tensor layout Megatron uses for a split tensor.
 
 A LoRA linear holds `lora_A.weight [r, in]` and `lora_B.weight [out, r]`. The adapter matrix
 that touches the base weight's split dimension is split exactly like the weight; the other is
 whole on every rank:
 
-    family      base weight W          A [r, in]               B [out, r]
+    split kind  base weight W          A [r, in]               B [out, r]
     column      output split (dim 0)   whole                   split on dim 0, W's stride
     row         input split (dim 1)    split on dim 1          whole
     duplicated  whole on every rank    whole                   whole
@@ -35,8 +35,8 @@ A, B = "lora_A", "lora_B"
 
 
 @dataclass(frozen=True)
-class Family:
-    """How one family of base linears splits over TP, and so where its adapter splits."""
+class SplitKind:
+    """How a kind of base linear splits over TP, and so where its adapter splits."""
 
     name: str
     split: str | None      # the adapter matrix split like the base weight (A or B), or None
@@ -53,9 +53,9 @@ class Family:
         return self.split == A
 
 
-COLUMN = Family("column", split=B, split_dim=0)
-ROW = Family("row", split=A, split_dim=1)
-DUPLICATED = Family("duplicated", split=None, split_dim=None)
+COLUMN = SplitKind("column", split=B, split_dim=0)
+ROW = SplitKind("row", split=A, split_dim=1)
+DUPLICATED = SplitKind("duplicated", split=None, split_dim=None)
 
 
 def group_size_rank(group) -> tuple[int, int]:

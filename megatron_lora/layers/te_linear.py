@@ -11,7 +11,7 @@ from megatron_lora.layers.sharding import COLUMN, DUPLICATED, ROW
 class LoRATEColumnParallelMixin(LoRAParallelLinear):
     """LoRA for megatron-core's `TEColumnParallelLinear` (Transformer Engine)."""
 
-    lora_family = COLUMN
+    lora_split = COLUMN
 
     def forward(self, x):
         output, bias = super().forward(x)
@@ -23,7 +23,7 @@ class LoRATEColumnParallelMixin(LoRAParallelLinear):
 class LoRATERowParallelMixin(LoRAParallelLinear):
     """LoRA for megatron-core's `TERowParallelLinear` (input always parallel)."""
 
-    lora_family = ROW
+    lora_split = ROW
 
     def forward(self, x):
         output, bias = super().forward(x)
@@ -44,7 +44,7 @@ class LoRATELayerNormColumnParallelMixin(LoRAParallelLinear):
     See docs/te_notes.md.
     """
 
-    lora_family = COLUMN
+    lora_split = COLUMN
 
     def forward(self, x):
         # Ask TE for the norm output only when the adapter runs (merged or disabled: the base
@@ -75,7 +75,7 @@ class LoRATEDuplicatedMixin(LoRAParallelLinear):
     `sequence_parallel`, as Megatron marks the base weight. TE switches its own
     `sequence_parallel` off at tp_size 1, so the config's flag is the one that says so."""
 
-    lora_family = DUPLICATED
+    lora_split = DUPLICATED
 
     def add_lora(self, stride: int | None = None) -> None:
         if self.parallel_mode is not None:

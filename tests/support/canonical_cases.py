@@ -24,7 +24,7 @@ LR = 1e-2
 
 def full_adapters(model) -> dict[str, torch.Tensor]:
     """Every adapter matrix, unsharded, by its name in the unsplit model."""
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     return {f"{name}.{key}": lora_helpers.full_tensor(param)
             for name, module in lora_modules(model).items()
@@ -57,7 +57,7 @@ def train(model):
 
 def training_cases():
     """Canonical LoRA trained at every layout (all seven projections), and q/v only at TP=2+SP."""
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in LAYOUTS:
@@ -71,8 +71,8 @@ def training_cases():
 def structure_cases():
     """At TP=2+SP: parameter names, attributes and count; spec route vs post-hoc route; the
     refusals that need a model."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import get_lora_parameters
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in ((2, True), (1, False)):
@@ -113,6 +113,7 @@ def downstream_cases(out_dir: str, qv_peft_dir: str):
     modules and from a CPU copy of the named tensors, as slime syncs), adapter and dist
     checkpoints into TP=1, PEFT export; and a q/v-only PEFT adapter imported at rank r and
     exported again."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import (
         disable_lora,
         export_peft_adapter,
@@ -126,7 +127,6 @@ def downstream_cases(out_dir: str, qv_peft_dir: str):
         save_lora_checkpoint,
         unmerge_lora_weights,
     )
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     initialize_model_parallel(tp=2)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lora.interop import hf_mapping
+from megatron_lora.interop import architectures, hf_mapping
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.layers.sharding import shard
 
@@ -58,7 +58,7 @@ def hf_config(model_type: str = "llama", **overrides):
     fields.update(VARIANTS[model_type])
     fields.update(overrides)
     config = CONFIG_MAPPING[model_type](**fields)
-    config.architectures = [hf_mapping.architecture(config).name]
+    config.architectures = [architectures.architecture(config).name]
     return config
 
 
@@ -100,7 +100,7 @@ def rope_theta(config) -> float:
 def check_convertible(config) -> hf_mapping.Architecture:
     """The architecture of `config`, or a ValueError naming what Megatron would compute
     differently."""
-    arch = hf_mapping.architecture(config)
+    arch = architectures.architecture(config)
     rope_theta(config)
     problems = []
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -140,7 +140,7 @@ def local_spec(config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization="RMSNorm",
-                                    qk_layernorm=hf_mapping.architecture(config).qk_norm)
+                                    qk_layernorm=architectures.architecture(config).qk_norm)
 
 
 def build_gpt(config, spec=None, **config_overrides):

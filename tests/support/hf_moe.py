@@ -31,7 +31,7 @@ VARIANTS = {
 def hf_config(model_type: str = "qwen3_moe"):
     from transformers import CONFIG_MAPPING
 
-    from megatron_lora.interop import hf_mapping
+    from megatron_lora.interop import architectures
 
     config = CONFIG_MAPPING[model_type](
         vocab_size=hf_llama.VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -39,7 +39,7 @@ def hf_config(model_type: str = "qwen3_moe"):
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
         tie_word_embeddings=False, attention_dropout=0.0, num_experts_per_tok=TOPK,
         output_router_logits=False, **VARIANTS[model_type])
-    config.architectures = [hf_mapping.architecture(config).name]
+    config.architectures = [architectures.architecture(config).name]
     return config
 
 

@@ -45,31 +45,28 @@ def full_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def set_nonzero_B(model, seed: int = 7) -> None:
-    """Give every B a value drawn over its full shape (so it agrees at every TP size)."""
-    from megatron_lora import get_lora_parameters
+def set_nonzero_B(model, seed: int = 7, scale: float = 0.05) -> None:
+    """Give every B a value drawn over its full shape from `seed` and its adapter-checkpoint name
+    (global layer and expert indices): the same adapters at every TP, PP, EP and ETP size and in
+    both expert implementations. (The name enters as the sum of its characters' codes: the
+    draws the dense tests were written against.)"""
+    from megatron_lora.modules import lora_tensors
 
-    group = tp_group()
-    for name, param in sorted(get_lora_parameters(model).items()):
-        if not name.endswith("lora_B.weight"):
+    for name, (param, module) in lora_tensors(model).items():
+        if ".lora_B." not in name:
             continue
         generator = torch.Generator().manual_seed(seed + sum(map(ord, name)))
-        if getattr(param, "tensor_model_parallel", False):
-            shape = list(param.shape)
-            shape[param.partition_dim] *= group.size()
-            full = torch.randn(shape, generator=generator) * 0.05
-            param.copy_(sharding.shard(full, param.partition_dim, group.rank(), group.size(),
-                                       param.partition_stride))
-        else:
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        full = torch.randn(sharding.full_shape(param, module.lora_tp_group),
+                           generator=generator) * scale
+        param.copy_(sharding.local_shard(full, param, module.lora_tp_group))
 
 
 def train_with_megatron_ddp(model, config, steps: int = 3, lr: float = 1e-2, loss_fn=None,
                             schedule=None):
-    """`megatron_lora.runtime.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches
+    """`megatron_cpu.ddp_training.train_with_megatron_ddp` on the tiny GPT's batches
     (constant learning rate and no clipping unless `schedule` says otherwise)."""
-    from megatron_lora.runtime.ddp_training import Schedule
-    from megatron_lora.runtime.ddp_training import train_with_megatron_ddp as train
+    from megatron_cpu.ddp_training import Schedule
+    from megatron_cpu.ddp_training import train_with_megatron_ddp as train
     from support import tiny_gpt
 
     return train(model, config, loss_fn or tiny_gpt.loss, steps, lr,

@@ -36,8 +36,9 @@ def full_adapters(model) -> dict[str, torch.Tensor]:
 
 
 def te_spec_cases(out_dir: str):
-    """Per layout: families, attributes, B = 0, both routes, grads, 3 Adam steps, merge. The
+    """Per layout: split kinds, attributes, B = 0, both routes, grads, 3 Adam steps, merge. The
     TP=2+SP model saves an adapter and a dist checkpoint, which TP=1 models load."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import (
         apply_lora_to_megatron_model,
         get_lora_parameters,
@@ -49,7 +50,6 @@ def te_spec_cases(out_dir: str):
         save_dist_checkpoint,
         save_lora_checkpoint,
     )
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in TE_LAYOUTS:
@@ -64,8 +64,8 @@ def te_spec_cases(out_dir: str):
         r = {
             "b0_logits": (tiny_gpt.logits(model), tiny_gpt.logits(plain)),
             "routes": (tiny_gpt.full_state(posthoc), tiny_gpt.full_state(model)),
-            "families": {name: (type(m).__name__, m.lora_family.name)
-                         for name, m in attention.named_children() if hasattr(m, "lora_family")},
+            "splits": {name: (type(m).__name__, m.lora_split.name)
+                         for name, m in attention.named_children() if hasattr(m, "lora_split")},
             "attributes": {n: (p.tensor_model_parallel, p.partition_dim,
                                getattr(p, "sequence_parallel", False))
                            for n, p in get_lora_parameters(model).items()
@@ -151,11 +151,11 @@ VARIANT_LAYOUTS = [(2, True), (1, False)]
 
 def variant_cases():
     """Every MLA variant with LoRA on all of its linears (spec route), at TP=2+SP and TP=1:
-    each target's base class and family, logits with B = 0 and of the plain model, then with
+    each target's base class and split kind, logits with B = 0 and of the plain model, then with
     non-zero B: logits, adapter grads and merged logits. The TE variants run first: the local
     ones need the #1699 fix, which must not be applied to the TE spec under SP."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import get_lora_parameters, lora_spec, merge_lora_weights
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for spec_name in ("te", "local"):
@@ -175,9 +175,9 @@ def variant_cases():
                 plain = tiny_mla.build(spec, **kwargs)
                 model = tiny_mla.build(lora_spec(spec, config), **kwargs)
                 attention = model.decoder.layers[0].self_attention
-                r = {"classes": {name: (m.lora_base_class.__name__, m.lora_family.name)
+                r = {"classes": {name: (m.lora_base_class.__name__, m.lora_split.name)
                                  for name, m in attention.named_children()
-                                 if hasattr(m, "lora_family")},
+                                 if hasattr(m, "lora_split")},
                      "b0_logits": (tiny_gpt.logits(model), tiny_gpt.logits(plain))}
                 lora_helpers.set_nonzero_B(model)
                 tiny_gpt.loss(model).backward()

@@ -5,8 +5,6 @@ the launcher's setup."""
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from lora_common import LoRAConfig
@@ -27,7 +25,7 @@ LAYOUTS = {
 
 def use_layout(name: str) -> bool:
     """Initialize the parallel state of a layout; returns its sequence-parallel flag."""
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     sizes, sp = LAYOUTS[name]
     initialize_model_parallel(**sizes)
@@ -49,29 +47,13 @@ def adapter_full_tensors(model) -> dict[str, torch.Tensor]:
     """Every adapter matrix, unsharded, by its adapter-checkpoint name (global expert index),
     collected from every rank: the same dict at every layout holding the same adapters."""
     from megatron_lora.layers import sharding
-    from megatron_lora.model import lora_tensors
+    from megatron_lora.modules import lora_tensors
 
     mine = {name: sharding.full_tensor(param, module.lora_tp_group)
             for name, (param, module) in lora_tensors(model).items()}
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
     return {name: t for rank in everyone for name, t in sorted(rank.items())}
-
-
-@torch.no_grad()
-def set_nonzero_B(model, scale: float = 0.1) -> None:
-    """Every B drawn over its full shape from its checkpoint name: the same adapters at every
-    layout and in both expert implementations."""
-    from megatron_lora.layers import sharding
-    from megatron_lora.model import lora_tensors
-
-    for name, (param, module) in lora_tensors(model).items():
-        if ".lora_B." not in name:
-            continue
-        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        shape = sharding.full_shape(param, module.lora_tp_group)
-        full = torch.randn(shape, generator=generator) * scale
-        param.copy_(sharding.local_shard(full, param, module.lora_tp_group))
 
 
 def data_parallel_loss(model, step: int) -> torch.Tensor:
@@ -117,7 +99,7 @@ def train_runs(runs: list[tuple[str, str]], te: bool, shared_ffn: int | None = N
         shared = {"moe_shared_expert_intermediate_size": shared_ffn} if shared_ffn else {}
         model = lora_moe(config, te, sp, **shared)
         mark_only_lora_as_trainable(model)
-        set_nonzero_B(model)
+        lora_helpers.set_nonzero_B(model, seed=0, scale=0.1)
         counts = tiny_moe.record_routing(model)
         losses = lora_helpers.train_with_megatron_ddp(model, model.config, steps=STEPS,
                                                       loss_fn=data_parallel_loss)
@@ -178,7 +160,7 @@ def implementation_cases():
         r = {"experts_class": type(model.decoder.layers[0].mlp.experts).__name__,
              "base": tiny_gpt.logits(base), "b0": tiny_gpt.logits(model),
              "trainable": sum(p.numel() for p in _lora_parameters(model).values())}
-        set_nonzero_B(model)
+        lora_helpers.set_nonzero_B(model, seed=0, scale=0.1)
         r["lora"] = tiny_gpt.logits(model)
         with disable_lora(model):
             r["disabled"] = tiny_gpt.logits(model)
@@ -196,7 +178,7 @@ def implementation_cases():
 
 
 def _grads_by_checkpoint_name(model) -> dict[str, torch.Tensor]:
-    from megatron_lora.model import lora_tensors
+    from megatron_lora.modules import lora_tensors
 
     return {name: param.grad.clone() for name, (param, _) in lora_tensors(model).items()}
 
@@ -205,7 +187,7 @@ def target_cases():
     """Which linears each target entry adapts, in an MoE model with shared experts and a
     dense first layer (`moe_layer_freq=[0, 1]`)."""
     from megatron_lora import lora_spec
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     use_layout("EP1")
     moe_config = tiny_moe.transformer_config(moe_layer_freq=[0, 1],
@@ -232,7 +214,7 @@ def _error(fn) -> str | None:
 def bad_input_cases():
     """Each refusal's message, and whether the model it was given is unchanged."""
     from megatron_lora import apply_lora_to_megatron_model, gpt_lora_spec, lora_spec
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     use_layout("EP1")
     out = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lora_common import LoRAConfig
-from support import moe_cases, tiny_gpt
+from support import lora_helpers, moe_cases, tiny_gpt
 
 
 def _model(layout: str, te: bool, expert_layout: str, **overrides):
@@ -32,7 +32,7 @@ def reshard_cases(out_dir: str, te: bool, expert_layout: str, save_at: str, load
     )
 
     model = _model(save_at, te, expert_layout)
-    moe_cases.set_nonzero_B(model)
+    lora_helpers.set_nonzero_B(model, seed=0, scale=0.1)
     save_lora_checkpoint(model, f"{out_dir}/adapter.safetensors")
     save_dist_checkpoint(model, f"{out_dir}/dist")
     out = {"saved": _state(model)}
@@ -52,7 +52,7 @@ def interchange_cases(out_dir: str):
     from megatron_lora import load_dist_checkpoint, load_lora_checkpoint, save_lora_checkpoint
 
     sequential = _model("EP1", te=False, expert_layout="per_expert")
-    moe_cases.set_nonzero_B(sequential)
+    lora_helpers.set_nonzero_B(sequential, seed=0, scale=0.1)
     save_lora_checkpoint(sequential, f"{out_dir}/sequential.safetensors")
     grouped = _model("EP1", te=True, expert_layout="per_expert")
     load_lora_checkpoint(grouped, f"{out_dir}/sequential.safetensors")

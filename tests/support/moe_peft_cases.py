@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lora_common import LoRAConfig
-from support import hf_llama, hf_moe, moe_cases
+from support import hf_llama, hf_moe, lora_helpers, moe_cases, peft_reference
 
 
 def lora_gpt(hf, expert_layout: str, te: bool):
@@ -17,7 +17,7 @@ def lora_gpt(hf, expert_layout: str, te: bool):
     megatron_config = hf_moe.transformer_config(hf.config, grouped=te)
     spec = lora_spec(hf_moe.block_spec(megatron_config, te), config)
     model = hf_moe.gpt_from_hf(hf, spec, te=te)
-    moe_cases.set_nonzero_B(model, scale=0.3)
+    lora_helpers.set_nonzero_B(model, seed=0, scale=0.3)
     return model
 
 
@@ -43,7 +43,7 @@ def import_cases(imports: dict[str, tuple[str, str, bool]]):
     """Import each PEFT adapter folder (name -> (folder, HF model type, TE grouped experts))
     into the plain converted GPT: our logits and the config the import chose, or the error."""
     from megatron_lora import import_peft_adapter
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     out = {}
     for name, (adapter_dir, model_type, te) in imports.items():
@@ -76,15 +76,6 @@ def shared_experts_export(out_dir: str) -> str | None:
 
 
 def peft_logits(adapter_dir: str, model_type: str) -> tuple[torch.Tensor, list[str]]:
-    """Real PEFT on the HF model (in the test process: no Megatron): logits and warnings."""
-    import warnings
-
-    from peft import PeftModel
-
+    """Real PEFT on the HF MoE model (in the test process: no Megatron): logits and warnings."""
     hf = hf_moe.build_hf_model(hf_moe.hf_config(model_type))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(hf, adapter_dir).eval()
-    with torch.no_grad():
-        logits = model(input_ids=hf_llama.tokens()).logits
-    return logits, [str(w.message) for w in caught]
+    return peft_reference.peft_logits(adapter_dir, hf)

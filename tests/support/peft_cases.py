@@ -57,8 +57,8 @@ def train_and_export(out_dir: str, model_type: str):
 def import_and_compare(adapter_dirs: list[str], layouts):
     """Import each PEFT adapter into the converted GPT at each layout (plain model, and a model
     already carrying LoRA of another rank); return our logits."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import get_lora_parameters, import_peft_adapter, lora_spec
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in layouts:

@@ -1,5 +1,7 @@
-"""The references canonical LoRA is judged against: real PEFT and fsdp_lora, per-projection
-LoRA on the small random HF Llama, trained in the test process exactly as the Megatron twin is
+"""Real PEFT as the reference: adapters made by real peft (`make_peft_adapter`), the logits real
+`PeftModel` computes (`peft_logits`), PEFT folders as written (`read_peft_folder`), and the
+references canonical LoRA is judged against: real PEFT and fsdp_lora, per-projection LoRA on the
+small random HF Llama, trained in the test process exactly as the Megatron twin is
 (`peft_cases.cross_entropy_loss`'s batch, torch Adam).
 
 Adapters travel keyed by their Megatron names (`decoder.layers.0.self_attention.linear_qkv.
@@ -8,6 +10,10 @@ lora_q.lora_A.weight`), mapped to the HF module with the production mapping
 """
 
 from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -90,16 +96,42 @@ def train_fsdp_lora(initial: dict[str, torch.Tensor], r: int, alpha: float, step
     return _set_and_train(model, named, initial, steps, lr)
 
 
-def make_peft_adapter(directory, target_modules: list[str], r: int, alpha: float, seed: int = 5):
-    """A PEFT adapter saved by real peft for the HF Llama, with random non-zero A and B."""
+def make_peft_adapter(directory, target_modules: list[str], r: int = 4, alpha: float = 16, *,
+                      hf_model=None, seed: int = 5, use_rslora: bool = False) -> Path:
+    """A PEFT adapter saved by real peft for `hf_model` (the small HF Llama by default), with
+    random non-zero A and B drawn from `seed`."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(peft_cases.hf_model(), LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=target_modules))
+    model = get_peft_model(hf_model if hf_model is not None else peft_cases.hf_model(),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules,
+                                      use_rslora=use_rslora))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     model.save_pretrained(str(directory))
-    return directory
+    return Path(directory)
+
+
+def peft_logits(adapter_dir, hf_model) -> tuple[torch.Tensor, list[str]]:
+    """Real `PeftModel.from_pretrained` on `hf_model` with the adapter in `adapter_dir`: its
+    logits on `hf_llama.tokens()` and the warnings PEFT gave while loading."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(hf_model, str(adapter_dir)).eval()
+    with torch.no_grad():
+        logits = hf_llama.hf_logits(model, hf_llama.tokens())
+    return logits, [str(w.message) for w in caught]
+
+
+def read_peft_folder(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT folder as it is on disk: `adapter_config.json` and the tensors under their keys
+    (SGLang's shared expert factors left `[1, ...]`, unlike `read_peft_adapter`)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    return (json.loads((folder / "adapter_config.json").read_text()),
+            load_file(folder / "adapter_model.safetensors"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lora_common import LoRAConfig
-from support import moe_cases, tiny_gpt, tiny_moe
+from support import lora_helpers, moe_cases, tiny_gpt, tiny_moe
 
 CONFIG = LoRAConfig(r=4, alpha=8)
 LAYERS = 4
@@ -148,7 +148,7 @@ def one_step(chunks) -> dict:
 
     for chunk in chunks:
         mark_only_lora_as_trainable(chunk)
-        moe_cases.set_nonzero_B(chunk)
+        lora_helpers.set_nonzero_B(chunk, seed=0, scale=0.1)
     config = chunks[0].config
     ddp = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                    chunk) for chunk in chunks]
@@ -187,7 +187,7 @@ def one_step(chunks) -> dict:
 
 
 def _use(layout: str, **sizes) -> bool:
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     parallel, sp = LAYOUTS[layout]
     initialize_model_parallel(**parallel, **sizes)
@@ -271,7 +271,7 @@ def guard_cases() -> dict:
     states the decoder receives (requires grad?) under recompute and without it, in eval and
     under no_grad; and the loss without the guard (its hook removed)."""
     from megatron_lora import lora_spec, mark_only_lora_as_trainable
-    from megatron_lora.recompute import is_guarded
+    from megatron_lora.adapt.recompute import is_guarded
 
     _use("TP1")
     out = {}

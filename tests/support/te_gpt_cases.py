@@ -110,7 +110,7 @@ def which_te():
 
 
 def all_gpt_cases():
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     results = {"which_te": which_te()}
     for tp, sp in [(2, False), (2, True), (1, False)]:

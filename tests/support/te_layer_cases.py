@@ -314,7 +314,7 @@ def _expected_fp8_out(te, ln_out, sp):
 
 def all_layer_cases():
     """Every case at TP=2, TP=2 with SP, and TP=1 (the 2 ranks then are data-parallel)."""
-    from megatron_lora.runtime.launch import initialize_model_parallel
+    from megatron_cpu.launch import initialize_model_parallel
 
     results = {}
     for tp, sp in [(2, False), (2, True), (1, False)]:

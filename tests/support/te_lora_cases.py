@@ -29,8 +29,8 @@ def by_local_name(named: dict) -> dict:
 
 
 def te_vs_local(layouts):
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import get_lora_parameters, lora_spec
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in layouts:
@@ -136,8 +136,8 @@ def te_canonical_vs_local(layouts):
     """Canonical (per-projection) LoRA on the TE spec (q/k/v and gate/up adapters inside
     TELayerNormColumnParallelLinear, fed the normalized input) next to the local spec's: B = 0
     vs the TE base; with non-zero B and norm weights: loss and full adapter grads; merged error."""
+    from megatron_cpu.launch import initialize_model_parallel
     from megatron_lora import get_lora_parameters, lora_spec, merge_lora_weights
-    from megatron_lora.runtime.launch import initialize_model_parallel
 
     out = {}
     for tp, sp in layouts:
@@ -147,7 +147,7 @@ def te_canonical_vs_local(layouts):
         local = tiny_gpt.build_gpt(lora_spec(tiny_gpt.local_spec(), CANONICAL),
                                    sequence_parallel=sp)
         r = {"classes": sorted({type(m).__name__ for m in te.modules()
-                                if "LoRA" in type(m).__name__ and hasattr(m, "lora_family")}),
+                                if "LoRA" in type(m).__name__ and hasattr(m, "lora_split")}),
              "b0_logits": (tiny_gpt.logits(te), tiny_gpt.logits(te_plain))}
         losses, grads = [], []
         for model in (te, local):

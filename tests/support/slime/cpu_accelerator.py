@@ -3,7 +3,7 @@
 slime selects its device backend through `register_accelerator` and `SLIME_ACCELERATOR`
 ("Register a lazily constructed backend without changing Slime core"); this is one more backend:
 device "cpu", collectives over gloo, no streams, no device memory of its own. megatron-core's
-CUDA-only spots are redirected by `megatron_lora.runtime.cpu.enable()` as for every CPU test here.
+CUDA-only spots are redirected by `megatron_cpu.device.enable()` as for every CPU test here.
 """
 
 from __future__ import annotations

@@ -40,12 +40,12 @@ def setup(slime_tree: str, megatron_tree: str) -> None:
 
 
 def cpu_runtime() -> None:
-    """megatron-core on CPU (`megatron_lora.runtime.cpu`), slime's CPU accelerator, and
+    """megatron-core on CPU (`megatron_cpu.device`), slime's CPU accelerator, and
     Megatron-LM's training code where it asks CUDA directly."""
-    from megatron_lora.runtime import cpu
+    from megatron_cpu import device
     from support.slime import cpu_accelerator
 
-    cpu.enable()
+    device.enable()
     cpu_accelerator.register()
     _megatron_training_on_cpu()
 
@@ -109,13 +109,13 @@ def _megatron_training_on_cpu() -> None:
     import megatron.training.utils as training_utils
 
     # `get_model` moves the built model with `module.cuda(torch.cuda.current_device())`, which
-    # megatron_lora.runtime.cpu points at the CPU: there the model already is.
+    # megatron_cpu.device points at the CPU: there the model already is.
     torch.nn.Module.cuda = _stay_on_cpu
     # ...and wraps the DDP set-up in a side stream; CPU work is ordered, one stream is all.
     torch.cuda.Stream = lambda *args, **kwargs: torch.cuda.current_stream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     # megatron-core's optimizer, grad scaler, clip-grad and DDP buffers allocate their small
-    # state with `device="cuda"` spelled out (megatron_lora.runtime.cpu covers the
+    # state with `device="cuda"` spelled out (megatron_cpu.device covers the
     # `torch.cuda.current_device()` spelling): the one device here is the CPU.
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device(getattr(torch, name)))
@@ -126,7 +126,7 @@ def _megatron_training_on_cpu() -> None:
     # the like: the CPU tensor answers with the name it would have on the GPU.
     torch.Tensor.type = _type_as_on_the_gpu(torch.Tensor.type)
     # Checkpoints save and restore the device generator next to the CPU one: here they are one
-    # (megatron_lora.runtime.cpu runs Megatron's RNG tracker on CPU generator states likewise).
+    # (megatron_cpu.device runs Megatron's RNG tracker on CPU generator states likewise).
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
 

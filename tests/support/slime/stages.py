@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from support import peft_reference
 from support.slime import actors, engines, rollout, runtime
 
 STRICTNESS = ["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
@@ -211,7 +212,9 @@ def _capture_adapter_colocated(actor, work) -> dict:
                 param.copy_(value)
         args.lora_sync, args.sglang_enable_weights_cpu_backup = "merged", None
     dist.barrier()
-    export = _read_peft_export(f"{work}/peft-export") if dist.get_rank() == 0 else None
+    export = None
+    if dist.get_rank() == 0:
+        export = peft_reference.read_peft_folder(f"{work}/peft-export")
     return {"base": engine.received, "calls": engine.calls, "loads": engine.loads,
             "decoder": engine.decoder, "export": export,
             "live_restored": all(torch.equal(p, v) for p, v in zip(live, kept, strict=True))}
@@ -243,16 +246,6 @@ def _capture_adapter_distributed(actor) -> dict:
     finally:
         args.lora_sync, args.sglang_enable_weights_cpu_backup = "merged", None
     return {"base": base, "calls": engine.calls, "loads": engine.loads}
-
-
-def _read_peft_export(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    import json
-
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
-    return config, load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
 def _read_hf_folder(path) -> dict[str, torch.Tensor]:

@@ -17,61 +17,19 @@ from pathlib import Path
 
 import torch
 
-from lora_common import LoRAConfig
 from lora_common.state import require_state
-from megatron_lora.adapter_tensors import adapter_state, full_adapter_tensors
 from megatron_lora.interop.adapter_file import (
     AdapterCheckpoint,
     read_lora_checkpoint,
     write_adapter_checkpoint,
 )
-from megatron_lora.interop.geometry import Geometry
 from megatron_lora.layers import sharding
-from megatron_lora.model import lora_modules, lora_tensors, model_config
+from megatron_lora.modules import config_and_geometry, lora_modules, lora_tensors
+from megatron_lora.sync.adapter_tensors import adapter_state, full_adapter_tensors
+from megatron_lora.sync.gather import all_gather_objects, gather_to_rank0
 
 # Fields of LoRAConfig that change what an adapter computes; a checkpoint must agree on them.
 FUNCTIONAL_FIELDS = ("r", "alpha", "use_rslora", "target_modules", "expert_layout", "canonical")
-
-
-def _world() -> tuple[int, int]:
-    if not torch.distributed.is_initialized():
-        return 1, 0
-    return torch.distributed.get_world_size(), torch.distributed.get_rank()
-
-
-def _gather_to_rank0(obj) -> list:
-    world, rank = _world()
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(obj, out, dst=0)
-    return out or []
-
-
-def _all_gather_objects(obj) -> list:
-    world, _ = _world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def config_and_geometry(model, modules: dict) -> tuple[LoRAConfig, Geometry]:
-    if not modules:
-        raise ValueError("the model has no LoRA modules")
-    first = next(iter(modules.values()))
-    return first.lora_config, Geometry.from_megatron(model_config(model))
-
-
-def gather_to_rank0(contribution: dict) -> dict | None:
-    """Every rank's `contribution` (a dict) merged on rank 0, sorted by name; None elsewhere.
-    Call on every rank."""
-    gathered = {}
-    for received in _gather_to_rank0(contribution):
-        gathered.update(received)
-    _, rank = _world()
-    return dict(sorted(gathered.items())) if rank == 0 else None
 
 
 def gather_adapter(model) -> AdapterCheckpoint | None:
@@ -140,7 +98,7 @@ def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
     # The expected key set spans every pipeline stage and expert-parallel rank; each rank
     # knows only its own layers and experts.
     expected, problems = set(), []
-    for keys, rank_problems in _all_gather_objects((set(tensors), local_problems)):
+    for keys, rank_problems in all_gather_objects((set(tensors), local_problems)):
         expected |= keys
         problems += [p for p in rank_problems if p not in problems]
     extra = sorted(set(checkpoint.tensors) - expected)

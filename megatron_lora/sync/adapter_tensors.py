@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 
 from lora_common.state import is_lora_parameter
 from megatron_lora.layers import sharding
-from megatron_lora.model import lora_tensors
+from megatron_lora.modules import lora_tensors
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ import functools
 import re
 from collections.abc import Iterable
 
+from megatron_lora.adapt.selection import selecting
 from megatron_lora.layers.expert import ExpertPlace
-from megatron_lora.targets import selecting
 
 _SEQUENTIAL_EXPERT = re.compile(r"^(?P<experts>(?:.*\.)?experts)\.local_experts\.(?P<local>\d+)\.")
 ROUTED_LINEARS = ("mlp.experts.linear_fc1", "mlp.experts.linear_fc2")

@@ -1,19 +1,20 @@
-"""Weight sync of a LoRA model to SGLang rollout engines, in the mode `--lora-sync` names.
+"""slime's side of the weight sync of a LoRA model, in the mode `--lora-sync` names: the flag
+checks, what the base sync reads, what a generation request adds.
 
 - `merged` (the default): every sync sends the whole model, each base weight with its adapter
-  merged in (`W + s B A`, `weight_sync.merged_weights`); the engine serves a plain model.
+  merged in (`W + s B A`, `merged.merged_weights`); the engine serves a plain model.
 - `adapter`: the base goes to the engines unmerged, once (again to engines that join later, and
   after every rollout offload unless SGLang keeps a CPU copy of its weights); each sync then
-  loads only the adapter, under one name, from tensors (`peft_tensors.gather_peft_adapter`,
-  sent as `interop/sglang.py` says), and generation asks for that adapter. About 1% of the
-  bytes, and the engine computes `W x + s B (A x)` instead of rounding `W + s B A` to bf16.
+  loads only the adapter, under one name (`adapter_sync.AdapterSync`), and generation asks for
+  that adapter. About 1% of the bytes, and the engine computes `W x + s B (A x)` instead of
+  rounding `W + s B A` to bf16.
 
 What slime calls (patches/slime-624b824a-lora.patch):
 
     check_lora_sync_args(args)                    # parse time: bad flags refused before any work
     rollout_weights(backup, model, args, device)  # what the base sync reads (colocated)
     iter_rollout_tensors(pairs, model, args)      # the same for a stream (NCCL)
-    sync = AdapterSync(args, model)               # one per weight updater
+    sync = AdapterSync(args, model)               # one per weight updater (adapter_sync.py)
     sync.connect(engines, paused=...)             # from connect_rollout_engines
     if sync.sends_base(): ...                     # the existing base sync
     sync.push_adapter(tensors, version)           # every rank; rank 0 calls the engines
@@ -23,7 +24,7 @@ What slime calls (patches/slime-624b824a-lora.patch):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -110,7 +111,7 @@ def rollout_weights(tensors: Mapping[str, torch.Tensor], model, args, device=Non
     """The mapping a base sync reads: merged mode, the merged view (`merged_weights`); adapter
     mode, `tensors` themselves, unmerged (slime's sync lists only base names; the adapter
     matrices stay for `AdapterSync.push_adapter`)."""
-    from megatron_lora.weight_sync import merged_weights
+    from megatron_lora.sync.merged import merged_weights
 
     if not adapter_mode(args):
         return merged_weights(tensors, model, device=device)
@@ -122,7 +123,7 @@ def iter_rollout_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], mode
                          device=None) -> Iterator[tuple[str, torch.Tensor]]:
     """The stream form of `rollout_weights`: merged pairs, or in adapter mode the base pairs as
     they are (adapter matrices dropped: the base converters do not know their names)."""
-    from megatron_lora.weight_sync import iter_merged_tensors
+    from megatron_lora.sync.merged import iter_merged_tensors
 
     if not adapter_mode(args):
         yield from iter_merged_tensors(named_tensors, model, device=device)
@@ -137,69 +138,7 @@ def _require_unmerged(model) -> None:
     # A merged W already holds the delta: with the adapter loaded beside it the engine would
     # apply it twice.
     from lora_common.state import require_state
-    from megatron_lora.model import lora_modules
+    from megatron_lora.modules import lora_modules
 
     require_state(lora_modules(model), "the adapter sync's base weights", merged=False,
                   model=model)
-
-
-# ----- the adapter itself -------------------------------------------------------------------
-
-class AdapterSync:
-    """One weight updater's adapter sync to its engines (slime's engine actors: Ray handles
-    with `load_lora_adapter_from_tensors`, `unload_lora_adapter`, `update_weight_version`,
-    `pause_generation`, `continue_generation`). Inert (sends the base every time, no adapter)
-    unless `--use-lora --lora-sync adapter`."""
-
-    def __init__(self, args, model, name: str = sglang.ADAPTER_NAME):
-        self.enabled = adapter_mode(args)
-        self.model = model
-        self.name = name
-        # Without a CPU copy, SGLang's offload drops the base weights: resend them each sync.
-        self.base_survives = not getattr(args, "offload_rollout", False) or bool(
-            getattr(args, "sglang_enable_weights_cpu_backup", False))
-        self.engines: list = []
-        self.unpaused: list = []     # engines the caller does not pause around a sync
-        self.loaded: list = []       # engines holding `name` (unload before the next load)
-        self.base_sent = False
-
-    def connect(self, engines: Sequence, paused: Sequence | None = None) -> None:
-        """The engines to sync, of which `paused` are paused by the caller during a sync (all
-        of them by default). Engines new to this sync get the base again."""
-        engines = list(engines)
-        paused = engines if paused is None else list(paused)
-        if any(e not in self.engines for e in engines):
-            self.base_sent = False
-        self.engines = engines
-        self.unpaused = [e for e in engines if e not in paused]
-        self.loaded = [e for e in self.loaded if e in engines]
-
-    def sends_base(self) -> bool:
-        """Whether this sync sends the base weights (always, outside adapter mode)."""
-        return not self.enabled or not self.base_sent or not self.base_survives
-
-    def push_adapter(self, tensors: Mapping[str, torch.Tensor], version) -> None:
-        """Load the adapter read from `tensors` (this rank's shards by name) into every engine
-        under `self.name`, replacing the previous one, and set the engines' weight version.
-        Call on every rank (the adapter is gathered to rank 0, which calls the engines)."""
-        if not self.enabled:
-            return
-        from megatron_lora.peft_tensors import gather_peft_adapter
-
-        adapter = gather_peft_adapter(tensors, self.model)
-        self.base_sent = True
-        if adapter is None:  # not rank 0
-            return
-        import ray
-
-        config = sglang.serving_config(adapter.config)
-        payload = ray.put(sglang.encode_tensors(adapter.tensors()))  # one copy for all engines
-        if self.unpaused:  # unloading waits for the adapter's requests: none may be running
-            ray.get([e.pause_generation.remote() for e in self.unpaused])
-        ray.get([e.unload_lora_adapter.remote(self.name) for e in self.loaded])
-        ray.get([e.load_lora_adapter_from_tensors.remote(self.name, config, payload)
-                 for e in self.engines])
-        self.loaded = list(self.engines)
-        ray.get([e.update_weight_version.remote(str(version)) for e in self.engines])
-        if self.unpaused:
-            ray.get([e.continue_generation.remote() for e in self.unpaused])

@@ -31,7 +31,7 @@ import torch
 from lora_common.state import adapter_prefix, is_lora_parameter, parse_adapter_name, require_state
 from lora_common.targets import PROJECTIONS
 from megatron_lora.layers.functional import merged_shard
-from megatron_lora.model import lora_modules
+from megatron_lora.modules import lora_modules
 
 # What weight-sync code reads off a tensor to gather and convert it (Megatron's TP layout,
 # TE's parallel mode, SP and DDP marks): a merged shard carries its base weight's.

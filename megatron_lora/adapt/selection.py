@@ -17,23 +17,18 @@ the shared experts, `mlp.linear_fc1` the dense MLP. The router is not a linear a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
-_LOCAL_EXPERT = re.compile(r"(?:^|\.)local_experts\.\d+(?=\.)")
+from lora_common.targets import matches
+from megatron_lora.layers.expert import target_path
+
 # The attribute under which megatron-core's MoE layer holds its routed experts.
 ROUTED_EXPERTS = "experts"
 
 
-def target_path(path: str) -> str:
-    """`path` with SequentialMLP's `local_experts.<i>` segment left out."""
-    return _LOCAL_EXPERT.sub("", path)
-
-
 def selects(entry: str, path: str) -> bool:
     """Whether the `target_modules` (or `exclude_modules`) entry selects the module at `path`."""
-    path = target_path(path)
-    return path == entry or path.endswith("." + entry)
+    return matches(entry, target_path(path))
 
 
 def selecting(entries: Iterable[str], path: str) -> set[str]:

@@ -32,11 +32,12 @@ import torch
 from lora_common import LoRAConfig
 from lora_common.state import freeze_all_but_adapters
 from lora_common.targets import PROJECTIONS
-from megatron_lora import moe
+from megatron_lora.adapt import moe
+from megatron_lora.adapt.recompute import watch_for_stacks
+from megatron_lora.adapt.selection import is_routed_expert_path, leaf, selecting
+from megatron_lora.layers.expert import target_path
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
-from megatron_lora.model import qualified_name
-from megatron_lora.recompute import watch_for_stacks
-from megatron_lora.targets import is_routed_expert_path, leaf, selecting, target_path
+from megatron_lora.modules import qualified_name
 
 
 def is_excluded(qualified: str, exclude_modules: tuple[str, ...]) -> bool:

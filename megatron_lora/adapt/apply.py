@@ -16,19 +16,19 @@ from megatron.core.distributed import DistributedDataParallel
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import freeze_all_but_adapters, is_lora_parameter
 from lora_common.targets import target_of_module
-from megatron_lora import moe
-from megatron_lora.layers.canonical import projection_layout
-from megatron_lora.layers.placement import (
+from megatron_lora.adapt import moe
+from megatron_lora.adapt.placement import (
     add_lora_in_place,
     check_exclusions,
     place_adapter,
     place_lora,
     selected_projections,
 )
+from megatron_lora.adapt.recompute import guard_stacks
+from megatron_lora.adapt.selection import selectable_names, selecting
+from megatron_lora.layers.canonical import projection_layout
 from megatron_lora.layers.registry import is_lora_linear, lora_linear_class, supports_lora
-from megatron_lora.model import model_chunks, transformer_layers
-from megatron_lora.recompute import guard_stacks
-from megatron_lora.targets import selectable_names, selecting
+from megatron_lora.modules import model_chunks, transformer_layers
 
 
 def apply_lora_to_megatron_model(model, args_or_config) -> Any:

@@ -33,8 +33,8 @@ def gpt_lora_spec(
     with LoRA. TE spec when Transformer Engine imports (unless `use_transformer_engine` says
     otherwise); the MoE decoder block spec when `num_experts` is set. Extra keyword arguments go
     to Megatron's layer-spec function (e.g. `qk_layernorm=True`)."""
-    from megatron_lora import moe
-    from megatron_lora.spec import lora_spec
+    from megatron_lora.adapt import moe
+    from megatron_lora.adapt.spec import lora_spec
 
     lora = lora or LoRAConfig()
     moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))
@@ -49,8 +49,8 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     """`--spec megatron_lora get_gpt_lora_spec`: the base spec (from `--lora-base-spec MODULE
     FUNCTION`, called like `--spec` functions, or Megatron's default GPT spec) with LoRA
     configured by the `--lora-*` flags."""
-    from megatron_lora import moe
-    from megatron_lora.spec import lora_spec
+    from megatron_lora.adapt import moe
+    from megatron_lora.adapt.spec import lora_spec
 
     lora = LoRAConfig.from_args(args)
     moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))

@@ -30,10 +30,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.targets import target_of_module
-from megatron_lora import moe
-from megatron_lora.layers.placement import check_exclusions, lora_layer_class, selected_projections
+from megatron_lora.adapt import moe
+from megatron_lora.adapt.placement import check_exclusions, lora_layer_class, selected_projections
+from megatron_lora.adapt.selection import selectable_names, selecting
 from megatron_lora.layers.registry import lora_linear_class, supports_lora
-from megatron_lora.targets import selectable_names, selecting
 
 
 def class_testing_modules() -> tuple[type, ...]:

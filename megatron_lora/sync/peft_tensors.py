@@ -27,11 +27,11 @@ import torch
 from megatron.core import parallel_state
 
 from lora_common.peft_files import adapter_tensor_key
-from megatron_lora.adapter_checkpoint import config_and_geometry, gather_to_rank0
-from megatron_lora.adapter_tensors import full_adapter_tensors
 from megatron_lora.interop.adapter_file import AdapterCheckpoint
 from megatron_lora.interop.peft_export import peft_config, peft_modules
-from megatron_lora.model import lora_modules
+from megatron_lora.modules import config_and_geometry, lora_modules
+from megatron_lora.sync.adapter_tensors import full_adapter_tensors
+from megatron_lora.sync.gather import gather_to_rank0
 
 
 @dataclass(frozen=True)

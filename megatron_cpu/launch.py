@@ -2,7 +2,7 @@
 
     results = run_on_ranks(fn, world_size=2, tp=2, args=(cfg,))
 
-On each rank, after the gloo group exists: `megatron_lora.runtime.cpu.enable()` (a no-op with
+On each rank, after the gloo group exists: `megatron_cpu.device.enable()` (a no-op with
 CUDA), `initialize_model_parallel(tp, pp, ...)`, Megatron's RNG seeded, then `fn(*args,
 **kwargs)`. Pass `setup` for what must happen before megatron is imported (megatron-core detects
 Transformer Engine at import): it runs before `fn`'s module is imported.
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from megatron_lora.runtime import processes
-from megatron_lora.runtime.processes import RankError  # noqa: F401 - re-exported for callers
+from megatron_cpu import processes
+from megatron_cpu.processes import RankError  # noqa: F401 - re-exported for callers
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **sizes: Any) -> None:
@@ -28,9 +28,9 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, **size
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_lora.runtime import cpu
+    from megatron_cpu import device
 
-    cpu.enable()
+    device.enable()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

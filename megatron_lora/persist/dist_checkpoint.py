@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.dist_checkpointing.utils import extract_matching_values
 
 from lora_common.state import is_lora_parameter
-from megatron_lora.model import model_chunks
+from megatron_lora.modules import model_chunks
 
 logger = logging.getLogger(__name__)
 

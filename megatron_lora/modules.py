@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from lora_common import LoRAConfig
+from megatron_lora.interop.geometry import Geometry
 from megatron_lora.layers.registry import is_lora_linear
 
 
@@ -83,3 +85,12 @@ def model_config(model):
             if config is not None and hasattr(config, "num_attention_heads"):
                 return config
     raise ValueError("found no TransformerConfig in the model")
+
+
+def config_and_geometry(model, modules: dict) -> tuple[LoRAConfig, Geometry]:
+    """The LoRA config the model's adapters carry and the model's geometry (`modules`: its LoRA
+    modules, `lora_modules(model)`); refused for a model without adapters."""
+    if not modules:
+        raise ValueError("the model has no LoRA modules")
+    first = next(iter(modules.values()))
+    return first.lora_config, Geometry.from_megatron(model_config(model))

@@ -8,7 +8,7 @@ that defines `fn` may import megatron, and `setup` may need to run before that (
 detects Transformer Engine when it is imported). `setup` itself must live in a module that does
 not import megatron. The rank then joins a gloo process group (rendezvous through a file, so no
 port can be taken by another process in between) and calls `fn(*args, **kwargs)`;
-`megatron_lora.runtime.launch.run_on_ranks` adds Megatron's parallel state on top. The per-rank
+`megatron_cpu.launch.run_on_ranks` adds Megatron's parallel state on top. The per-rank
 return values come back as a list indexed by rank (they travel
 through `torch.save`, so tensors are fine). If any rank raises, every rank is stopped and
 `RankError` carries that rank's traceback; if the ranks do not finish within `timeout`

@@ -16,10 +16,8 @@ import torch
 from lora_common import LoRAConfig
 from lora_common.peft_files import read_peft_adapter, write_peft_adapter
 from lora_common.state import require_state
-from megatron_lora.adapter_checkpoint import load_adapter
-from megatron_lora.adapter_tensors import adapter_state
-from megatron_lora.apply import apply_lora_to_megatron_model, check_model_supports
-from megatron_lora.interop import hf_experts, hf_mapping
+from megatron_lora.adapt.apply import apply_lora_to_megatron_model, check_model_supports
+from megatron_lora.interop import architectures, hf_experts
 from megatron_lora.interop.adapter_file import AdapterCheckpoint, read_lora_checkpoint
 from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
@@ -30,8 +28,10 @@ from megatron_lora.interop.peft_export import (
 )
 from megatron_lora.interop.peft_import import fuse_peft_adapter
 from megatron_lora.interop.peft_import_canonical import peft_adapter_per_projection
-from megatron_lora.model import lora_modules, model_config
-from megatron_lora.peft_tensors import gather_peft_adapter
+from megatron_lora.modules import lora_modules, model_config
+from megatron_lora.persist.adapter_checkpoint import load_adapter
+from megatron_lora.sync.adapter_tensors import adapter_state
+from megatron_lora.sync.peft_tensors import gather_peft_adapter
 
 
 def export_peft_adapter(source, out_dir: str | Path, *,
@@ -44,7 +44,7 @@ def export_peft_adapter(source, out_dir: str | Path, *,
     Mixtral, and DeepseekV3ForCausalLM (multi-latent attention: each MLA linear maps 1:1).
     Experts' shared-outer factors go once in SGLang's form, or into every expert with
     `expand_shared` (vLLM, PEFT)."""
-    arch = hf_mapping.architecture(architecture)  # an unknown architecture is refused by name
+    arch = architectures.architecture(architecture)  # an unknown architecture is refused by name
     if isinstance(source, (str, Path)):
         checkpoint = read_lora_checkpoint(source)
         _warn_architecture(arch, checkpoint.config)

@@ -1,5 +1,5 @@
 """A minimal training loop on Megatron's own DDP and grad finalization (the demo's, and the
-tests'), which runs on CPU with `megatron_lora.runtime.cpu` as well as on GPU.
+tests'), which runs on CPU with `megatron_cpu.device` as well as on GPU.
 
 Megatron's DDP accumulates grads into `main_grad` buffers and `finalize_model_grads` reduces
 them (data-parallel all-reduce, plus the TP sum of `sequence_parallel`-marked grads that LoRA
@@ -55,11 +55,11 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 
 
 def train_with_megatron_ddp(model, config, loss_fn: Callable, steps: int, lr: float,
-                            progress: str | None = None,
+                            label: str | None = None,
                             schedule: Schedule = Schedule()) -> list[float]:
     """Adam steps on the trainable parameters; `loss_fn(ddp_model, step)` returns the loss.
-    `lr` is the peak learning rate of `schedule`. `progress` labels a tqdm bar shown on rank 0.
-    Returns the losses."""
+    `lr` is the peak learning rate of `schedule`. `label` names the progress rank 0 shows
+    (`progress.py`). Returns the losses."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -78,14 +78,13 @@ def train_with_megatron_ddp(model, config, loss_fn: Callable, steps: int, lr: fl
         lr_warmup_steps=schedule.warmup_steps, lr_decay_steps=max(steps, 1),
         lr_decay_style=schedule.decay_style, start_wd=0.0, end_wd=0.0, wd_incr_steps=steps,
         wd_incr_style="constant")
-    steps_iter = range(steps)
-    bar = None
-    if progress is not None and torch.distributed.get_rank() == 0:
-        from tqdm import tqdm
+    progress = None
+    if label is not None and torch.distributed.get_rank() == 0:
+        from megatron_cpu.progress import Progress
 
-        steps_iter = bar = tqdm(steps_iter, desc=progress, dynamic_ncols=True)
+        progress = Progress(label, steps)
     losses = []
-    for step in steps_iter:
+    for step in range(steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = loss_fn(ddp, step)
@@ -104,6 +103,8 @@ def train_with_megatron_ddp(model, config, loss_fn: Callable, steps: int, lr: fl
         optimizer.step()
         scheduler.step(increment=1)
         losses.append(loss.item())
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step_lr:.1e}")
+        if progress is not None:
+            progress.update(step, loss=f"{loss.item():.3f}", lr=f"{step_lr:.1e}")
+    if progress is not None:
+        progress.close()
     return losses
