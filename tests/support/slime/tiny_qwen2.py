@@ -44,7 +44,7 @@ def hf_config(dtype=torch.float32):
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def _tokenizer():
+def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +68,7 @@ def write_hf_checkpoint(path: Path, dtype=torch.float32, seed: int = 0) -> Path:
                 param.add_(torch.randn_like(param) * 0.1)
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    _tokenizer().save_pretrained(path)
+    tokenizer().save_pretrained(path)
     return path
 
 
