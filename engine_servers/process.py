@@ -133,6 +133,9 @@ class ServerProcess:
                 proc.wait(timeout=grace)
         # workers the server forked into its group may outlive it: the group goes too
         _signal_group(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return proc.returncode
 
     def log_tail(self, lines: int = 40) -> str:
@@ -150,6 +153,14 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
