@@ -34,9 +34,9 @@ test-engines: venv venv-engines
 	.venv/bin/python -m pytest engine_tests $(PYTEST_ARGS)
 
 ## make bench: CPU benchmarks (not part of make test); writes benchmarks/results.json, RESULTS.md, results.png
-bench: venv
+bench: venv venv-engines
 	.venv/bin/python -m benchmarks.run_all $(BENCH_ARGS)
 
 ## make bench-quick: a smoke run of every benchmark, written to out/bench-quick/
-bench-quick: venv
+bench-quick: venv venv-engines
 	.venv/bin/python -m benchmarks.run_all --quick
