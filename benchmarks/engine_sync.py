@@ -37,7 +37,7 @@ COLUMNS = [
     Column("step done -> served, s (median)", "seconds", "{:.3f}"),
     Column("min", "min", "{:.3f}"), Column("max", "max", "{:.3f}"),
     Column("/ merged (same engine, fastest merged)", "ratio", "{:.3f}", bold=True),
-    Column("served vs trainer max |diff|", "diff", "{:.1e}"),
+    Column("served vs trainer, max abs diff", "diff", "{:.1e}"),
 ]
 TABLES = {"engine_sync": COLUMNS}
 
