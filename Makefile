@@ -1,13 +1,18 @@
 # Each target bootstraps its own in-repo virtualenv (fast when already current).
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-quick demo test test-compat venv venv-compat
+.PHONY: bench bench-quick demo test test-compat test-engines venv venv-compat venv-engines
 
 venv:
 	@scripts/venv.sh .venv 3.11 constraints/py311.txt
 
 venv-compat:
 	@scripts/venv.sh .venv-compat 3.12 constraints/py312.txt
+
+# The rollout engines' own virtualenvs (.venv-sglang, .venv-vllm; about 3 GB each)
+venv-engines:
+	@scripts/engine-venv.sh sglang
+	@scripts/engine-venv.sh vllm
 
 ## make demo: LoRA fine-tune of a small GPT on CPU, TP=2 + sequence parallel (about 2 minutes)
 demo: venv
@@ -23,10 +28,15 @@ test-compat: venv-compat
 	.venv-compat/bin/ruff check .
 	.venv-compat/bin/python -m pytest $(PYTEST_ARGS)
 
+## make test-engines: live SGLang 0.5.15.post1 and vLLM 0.32.0 servers on 127.0.0.1, the trainer's
+## weights synced to them (engine_tests/; not part of make test)
+test-engines: venv venv-engines
+	.venv/bin/python -m pytest engine_tests $(PYTEST_ARGS)
+
 ## make bench: CPU benchmarks (not part of make test); writes benchmarks/results.json, RESULTS.md, results.png
-bench: venv
+bench: venv venv-engines
 	.venv/bin/python -m benchmarks.run_all $(BENCH_ARGS)
 
 ## make bench-quick: a smoke run of every benchmark, written to out/bench-quick/
-bench-quick: venv
+bench-quick: venv venv-engines
 	.venv/bin/python -m benchmarks.run_all --quick

@@ -28,7 +28,7 @@ from benchmarks.chart import write_chart
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCHMARKS = ("step_time", "comm_bytes", "peak_memory", "merged_stream", "profile_lora",
-              "fsdp_vs_peft", "moe_step", "sync_bytes", "sync_fidelity")
+              "fsdp_vs_peft", "moe_step", "sync_bytes", "sync_fidelity", "engine_sync")
 CHART = "results.png"
 OUTPUTS = ("RESULTS.md", CHART, "results.json")
 

@@ -56,10 +56,12 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 
 def train_with_megatron_ddp(model, config, loss_fn: Callable, steps: int, lr: float,
                             label: str | None = None,
-                            schedule: Schedule = Schedule()) -> list[float]:
+                            schedule: Schedule = Schedule(),
+                            after_step: Callable[[int], None] | None = None) -> list[float]:
     """Adam steps on the trainable parameters; `loss_fn(ddp_model, step)` returns the loss.
     `lr` is the peak learning rate of `schedule`. `label` names the progress rank 0 shows
-    (`progress.py`). Returns the losses."""
+    (`progress.py`). `after_step(step)` runs once each optimizer step is done (a weight sync to
+    a rollout engine). Returns the losses."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -103,6 +105,8 @@ def train_with_megatron_ddp(model, config, loss_fn: Callable, steps: int, lr: fl
         optimizer.step()
         scheduler.step(increment=1)
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(step)
         if progress is not None:
             progress.update(step, loss=f"{loss.item():.3f}", lr=f"{step_lr:.1e}")
     if progress is not None:

@@ -1,7 +1,7 @@
 """The package's structure, read from its imports (`ast`, nothing is run): the rooms keep their
 rules. `layers/` imports nothing of megatron_lora outside it, `interop/` no megatron-core, no
 module imports one that imports it back (directly or around a circle), and at most six modules
-lie at `megatron_lora/`'s top level."""
+lie at `megatron_lora/`'s top level; `engine_servers/` imports no torch and none of the library."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("megatron_lora", "megatron_cpu", "fsdp_lora", "lora_common")
+PACKAGES = ("megatron_lora", "megatron_cpu", "fsdp_lora", "lora_common", "engine_servers")
 
 
 def _module_name(path: Path) -> str:
@@ -53,6 +53,18 @@ def test_interop_imports_no_megatron_core():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.split(".")[0] in ("megatron", "transformer_engine")
                         or n.startswith(("megatron_lora.layers", "megatron_lora.sync"))], path
+
+
+def test_engine_servers_import_no_torch_and_nothing_of_the_library():
+    # they start engines in processes of their own (the RL demo and the tests run them beside a
+    # trainer); `sitecustomize/` is not imported here but by the server it is put beside
+    for path in (ROOT / "engine_servers").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] in (
+                "torch", "megatron", "megatron_lora", "megatron_cpu", "fsdp_lora",
+                "lora_common")], path
 
 
 def test_no_import_circle():

@@ -35,6 +35,12 @@ ADAPTER_NAME = "policy"
 LOAD_ENDPOINT = "load_lora_adapter_from_tensors"
 UNLOAD_ENDPOINT = "unload_lora_adapter"
 WEIGHT_VERSION_ENDPOINT = "update_weight_version"
+# The merged sync's endpoints: slime's colocated path, and its disk path.
+WEIGHTS_FROM_TENSOR_ENDPOINT = "update_weights_from_tensor"
+WEIGHTS_FROM_DISK_ENDPOINT = "update_weights_from_disk"
+# The ServerArgs fields `server_flag_problems` reads.
+SERVER_FLAGS = ("enable_lora", "max_lora_rank", "lora_target_modules", "dp_size",
+                "max_loaded_loras")
 
 
 # SGLang fuses q/k/v and gate/up into one LoRA slot each; a server target list is compared in
@@ -70,9 +76,31 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     CPU tensors (bytes inline: readable by every TP rank of the engine, on any node)."""
     compact: dict[int, torch.Tensor] = {}  # by id: a tensor sent under several keys goes once
     plain = {name: compact.setdefault(id(t), _own_storage(t)) for name, t in tensors.items()}
+    return _encode(plain)
+
+
+def _encode(obj) -> str:
     with _torch_storage_reduction():
-        data = pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return base64.b64encode(data).decode()
+
+
+def weights_from_tensor_request(named_tensors: Iterable[tuple[str, torch.Tensor]], version,
+                                tp_size: int = 1) -> dict[str, Any]:
+    """The JSON body of `POST /update_weights_from_tensor` in SGLang's default load format:
+    every engine TP rank reads the same list of `(HF name, full tensor)` pairs, bytes inline,
+    and loads it through the model's `load_weights`. (slime's colocated sync sends a flattened
+    bucket of CUDA IPC handles instead, one per rank: on a CPU those would be file descriptors,
+    which a process that is not the sender's child cannot receive.)"""
+    payload = _encode([(name, _own_storage(t)) for name, t in named_tensors])
+    return {"serialized_named_tensors": [payload] * tp_size, "load_format": None,
+            "flush_cache": True, "weight_version": str(version)}
+
+
+def weights_from_disk_request(model_path: str, version) -> dict[str, Any]:
+    """The JSON body of `POST /update_weights_from_disk`: reload the weights of an HF folder
+    (slime's `--update-weight-transport disk`)."""
+    return {"model_path": str(model_path), "weight_version": str(version), "flush_cache": True}
 
 
 _REDUCTION_LOCK = threading.Lock()

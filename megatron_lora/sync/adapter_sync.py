@@ -66,10 +66,19 @@ class AdapterSync:
         version = str(version)
         if self.unpaused:  # unloading waits for the adapter's requests: none may be running
             self.client.pause(self.unpaused)
-        if self.loaded:  # an engine refuses a name it holds: unload, then load
+        try:
+            if self.loaded:  # an engine refuses a name it holds: unload, then load
+                self.client.unload(self.loaded, self.name)
+                self.loaded = []
+            self.client.load(self.engines, self.name, adapter, version)
+            self.loaded = list(self.engines)
+            self.client.set_version(self.engines, version)
+        finally:  # a failed load must not leave the engines paused
+            if self.unpaused:
+                self.client.resume(self.unpaused)
+
+    def unload(self) -> None:
+        """Drop the adapter from the engines that hold it (rank 0; e.g. when training ends)."""
+        if self.loaded:
             self.client.unload(self.loaded, self.name)
-        self.client.load(self.engines, self.name, adapter, version)
-        self.loaded = list(self.engines)
-        self.client.set_version(self.engines, version)
-        if self.unpaused:
-            self.client.resume(self.unpaused)
+            self.loaded = []

@@ -6,8 +6,10 @@ engine, whatever carries the calls (Ray actors, HTTP, an in-process object).
     client.load(engines, name, adapter, version); client.set_version(engines, version)
     client.resume(engines)
 
-`AdapterSync` (`adapter_sync.py`) drives a client through that sequence at each sync; a new engine
-is a new file under `engines/` that defines `Client`, and nothing else changes.
+`AdapterSync` (`adapter_sync.py`) drives a client through that sequence at each sync (resuming
+the engines even when a load fails); a new engine is a new file under `engines/` that defines
+`Client` and `flag_problems` (its pre-flight check, run by `engines.check_flags` before training),
+and nothing else changes.
 """
 
 from __future__ import annotations

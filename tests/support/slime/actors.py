@@ -18,10 +18,12 @@ import torch
 from support.slime import tiny_qwen2
 
 
-def command_line(*, hf: str, tp: int, pp: int, bf16: bool, lora: bool, extra=()) -> list[str]:
-    """slime's `train.py` flags for the tiny Qwen2 on 2 CPU ranks, no SGLang."""
+def command_line(*, hf: str, tp: int, pp: int, bf16: bool, lora: bool, extra=(),
+                 model_args=tiny_qwen2.MEGATRON_MODEL_ARGS) -> list[str]:
+    """slime's `train.py` flags for the tiny Qwen2 (or the model of `model_args`) on 2 CPU ranks,
+    no SGLang."""
     argv = [
-        "train.py", "--debug-train-only", *tiny_qwen2.MEGATRON_MODEL_ARGS,
+        "train.py", "--debug-train-only", *model_args,
         "--hf-checkpoint", hf, "--make-vocab-size-divisible-by", "16",
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "2",

@@ -184,3 +184,26 @@ class DeltaEngine(_Generation):
 
     def update_weights_from_disk(self, model_path, weight_version):
         self.calls.append(f"update_weights_from_disk v{weight_version}")
+
+
+class LiveEngine:
+    """slime's own `SGLangEngine` (its request code, with our patch) pointed at a live SGLang
+    server at `url`, called as slime calls its engine actors (`engine.method.remote(...)`, then
+    `ray.get`). Built as `SGLangEngine.init` would leave it for an external server, without
+    launching one."""
+
+    def __init__(self, args, url: str):
+        from urllib.parse import urlsplit
+
+        from slime.backends.sglang_utils.sglang_engine import SGLangEngine
+
+        engine = SGLangEngine(args, rank=0)
+        address = urlsplit(url)
+        engine.server_host, engine.server_port, engine.node_rank = (address.hostname,
+                                                                    address.port, 0)
+        self._engine = engine
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(getattr(self._engine, name))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 
-def setup(slime_tree: str, megatron_tree: str) -> None:
+def setup(slime_tree: str, megatron_tree: str, live_sglang: bool = False) -> None:
     import te_emulation
 
     from support.slime import standins
@@ -27,7 +27,7 @@ def setup(slime_tree: str, megatron_tree: str) -> None:
         if path not in sys.path:
             sys.path.insert(0, path)
     te_emulation.enable()
-    standins.install()
+    standins.install(live_sglang=live_sglang)
     # slime's switch for its reloadable WORLD (the --offload-train sleep/wake cycle, not run
     # here). Registered, it wraps every gloo subgroup in `ReloadableProcessGroup`, whose
     # forwarding misses `reduce_scatter_single`, the method torch 2.13's reduce_scatter_tensor

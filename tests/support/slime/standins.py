@@ -139,7 +139,10 @@ def _module_contents() -> dict[str, dict[str, object]]:
                                                           why_sglang)},
         "sglang_router.launch_router": {"RouterArgs": Unusable("sglang_router.RouterArgs",
                                                                why_sglang)},
-        "sglang.srt.utils": {"MultiprocessingSerializer": MultiprocessingSerializer},
+        "sglang.srt.utils": {"MultiprocessingSerializer": MultiprocessingSerializer,
+                             "kill_process_tree": Unusable("sglang.srt.utils.kill_process_tree",
+                                                           "slime's engine actor does not launch "
+                                                           "servers here")},
         # SGLang re-registers torch's CUDA-IPC tensor reductions (device ids by UUID); nothing
         # crosses a process as a CUDA handle here, so there is nothing to patch.
         "sglang.srt.utils.patch_torch": {"monkey_patch_torch_reductions": lambda: None},
@@ -192,11 +195,33 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             setattr(sys.modules[parent], child, module)
 
 
-def install() -> None:
-    """Serve the stand-ins for `ROOTS` ahead of anything installed. Idempotent."""
+def install(live_sglang: bool = False) -> None:
+    """Serve the stand-ins for `ROOTS` ahead of anything installed. Idempotent. With
+    `live_sglang` (a live SGLang server receives what slime sends), the colocated sync's bucket
+    is SGLang's own `FlattenedTensorBucket`, compiled from the pinned wheel, so that the server
+    unpickles SGLang's own metadata class; the serializer stays the plain pickle (the CPU tensors'
+    bytes inline, where slime's CUDA IPC handles would be file descriptors here)."""
     if any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     for root in ROOTS + MODULES:
         if root in sys.modules:
             raise RuntimeError(f"{root} is already imported; install the stand-ins first")
-    sys.meta_path.insert(0, _Finder(_module_contents()))
+    contents = _module_contents()
+    if live_sglang:
+        contents["sglang.srt.weight_sync.tensor_bucket"] = _wheel_module(
+            "sglang.srt.weight_sync.tensor_bucket", "srt/weight_sync/tensor_bucket.py")
+    sys.meta_path.insert(0, _Finder(contents))
+
+
+def _wheel_module(name: str, path: str) -> dict[str, object]:
+    """The names a module of the pinned SGLang wheel defines, run as `name`."""
+    from support import sglang_wheel
+
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # while it runs (dataclasses look their module up)
+    try:
+        exec(compile(sglang_wheel.source(path), f"sglang-{sglang_wheel.VERSION}/{path}", "exec"),
+             module.__dict__)
+    finally:
+        del sys.modules[name]  # the finder serves it, its parents as stand-ins
+    return {k: v for k, v in module.__dict__.items() if not k.startswith("__")}

@@ -44,11 +44,12 @@ def hf_config(dtype=torch.float32):
         bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def _tokenizer():
+def tokenizer(size: int = VOCAB):
+    """A word-level tokenizer of `size` ids: `<pad>`, `<s>`, `</s>`, then `t3`, `t4`, ..."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, size)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
@@ -68,7 +69,7 @@ def write_hf_checkpoint(path: Path, dtype=torch.float32, seed: int = 0) -> Path:
                 param.add_(torch.randn_like(param) * 0.1)
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    _tokenizer().save_pretrained(path)
+    tokenizer().save_pretrained(path)
     return path
 
 
