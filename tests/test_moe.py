@@ -205,12 +205,10 @@ FOUR_RANK_GROUPED_RUNS = [(layout, expert_layout) for expert_layout in ("per_exp
 
 @pytest.fixture(scope="module")
 def four_rank_training():
-    sequential = run_on_ranks(moe_cases.train_runs, world_size=4,
-                              args=(FOUR_RANK_SEQUENTIAL_RUNS, False), timeout=900)
-    grouped = run_on_ranks(moe_cases.train_runs, world_size=4,
-                           args=(FOUR_RANK_GROUPED_RUNS, True, moe_cases.SHARED_FFN),
-                           setup=te_emulation.enable, timeout=900)
-    return {"sequential": sequential, "grouped": grouped}
+    ranks = run_on_ranks(moe_cases.four_rank_runs, world_size=4,
+                         args=(FOUR_RANK_SEQUENTIAL_RUNS, FOUR_RANK_GROUPED_RUNS,
+                               moe_cases.SHARED_FFN), setup=te_emulation.enable, timeout=900)
+    return {which: [rank[which] for rank in ranks] for which in ("sequential", "grouped")}
 
 
 def assert_trains_like_ep1(ranks, run, adapter_tol=ADAPTER_TOL):

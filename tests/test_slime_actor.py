@@ -79,7 +79,7 @@ LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False, "adapters": (16, 16)
                                             "experts": ["NoneType", "TEGroupedMLP"],
                                             "attention": "MLASelfAttention",
                                             "router": ("sigmoid", True), "shared_experts": 32,
-                                            "ep": 2}},
+                                            "dispatcher": "alltoall", "ep": 2}},
            # run-glm4-9B.sh's context parallelism (TP=2 + SP, CP=2 -> CP=2) and its perf
            # flags: slime's zigzag split of every sequence, attention over the CP group (TE's,
            # emulated); trains like the dense model at TP=2 + SP under recompute

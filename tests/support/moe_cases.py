@@ -122,6 +122,14 @@ def train_runs(runs: list[tuple[str, str]], te: bool, shared_ffn: int | None = N
     return out
 
 
+def four_rank_runs(sequential: list[tuple[str, str]], grouped: list[tuple[str, str]],
+                   shared_ffn: int):
+    """`train_runs` of SequentialMLP and of TEGroupedMLP (beside shared experts) in one 4-rank
+    launch (on the TE emulation, which the local-spec SequentialMLP does not use)."""
+    return {"sequential": train_runs(sequential, False),
+            "grouped": train_runs(grouped, True, shared_ffn)}
+
+
 # ----- one rank, on the TE emulation: every expert implementation ---------------------------
 
 # name -> (TE spec, grouped GEMM, expert layout, shared experts' ffn or None): the expert

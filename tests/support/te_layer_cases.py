@@ -336,6 +336,7 @@ def all_layer_cases():
                 rms, config(layernorm_zero_centered_gamma=True)),
             "fp8": fp8_layernorm_column_linear(rms),
         }
+    results["context_parallel_attention"] = context_parallel_attention()
     return results
 
 
