@@ -7,12 +7,17 @@ linear an A `[r, in]` and a B `[out, r]` (Megatron's fused `linear_qkv` / `linea
 q/k/v and gate/up, each with its own copy of A, as SGLang and PEFT take them). Both in bf16.
 
 - `geometry` rows: computed from the HF configs of Qwen3-8B, Qwen3-32B and Qwen3-30B-A3B (its
-  128 experts' gate/up/down adapted per expert, as the per-expert export writes them; the
-  formula is checked by measurement on a dense model only, and slime's adapter mode refuses MoE
-  models for now).
+  128 experts' gate/up/down adapted per expert, as the per-expert export writes them).
 - `measured` rows: a small model built here (Megatron GPT, TP=1), the same formula against the
   bytes actually produced: `merged_weights` over a CPU copy of the parameters, and
   `gather_peft_adapter` over the same copy (and its SGLang payload, base64 included).
+- `measured_moe` rows: Qwen3-30B-A3B's own geometry (hidden 2048, 32 heads, 4 kv heads of 128,
+  128 experts of ffn 768, vocabulary 151936) built in Megatron at 1 and at 2 layers (bf16,
+  weights left uninitialized: only their bytes count), every linear adapted, each expert its own
+  adapter: the bytes `merged_weights` and `gather_peft_adapter(architecture=
+  "Qwen3MoeForCausalLM")` (what `--lora-sync adapter` sends SGLang) produce, and the SGLang
+  payload; the 48-layer counts are the 1-layer count plus 47 times the second layer's (every
+  layer is the same), beside the formula.
 - `timing` rows: producing the adapter (gather, PEFT split, SGLang payload) vs reading the
   merged stream (each merged tensor materialized), median of turns.
 
@@ -121,7 +126,17 @@ TIMING_COLUMNS = [
     Column("adapter+payload / merged", "time_ratio", "{:.3f}", bold=True),
     Column("spread", "spread", "{:.0%}"),
 ]
-TABLES = {"geometry": GEOMETRY_COLUMNS, "measured": MEASURED_COLUMNS, "timing": TIMING_COLUMNS}
+MEASURED_MOE_COLUMNS = [
+    Column("model", "model"), Column("r", "r"),
+    Column("merged bytes (formula)", "merged_formula"),
+    Column("merged bytes (measured)", "merged_measured"),
+    Column("adapter bytes (formula)", "adapter_formula"),
+    Column("adapter bytes (measured)", "adapter_measured"),
+    Column("payload bytes (base64)", "payload_bytes"),
+    Column("adapter / merged", "ratio", "{:.2%}", bold=True),
+]
+TABLES = {"geometry": GEOMETRY_COLUMNS, "measured": MEASURED_COLUMNS, "timing": TIMING_COLUMNS,
+          "measured_moe": MEASURED_MOE_COLUMNS}
 
 
 def geometry_rows(ranks=(16, 64)) -> list[dict]:
@@ -132,7 +147,7 @@ def geometry_rows(ranks=(16, 64)) -> list[dict]:
             rows.append({"model": model.name, "r": r, "merged_GB": merged / 1e9,
                          "adapter_MB": adapter / 1e6, "ratio": adapter / merged,
                          "fused_ratio": model.fused_adapter_parameters(r) * BF16 / merged,
-                         "note": "per-expert export; not measured; slime: refused" if model.experts
+                         "note": "per-expert export; measured: measured_moe" if model.experts
                          else ""})
     return rows
 
@@ -206,15 +221,78 @@ def measure_small(hidden: int, layers: int, r: int, rounds: int) -> tuple[dict, 
     return measured, timing
 
 
+def moe_model(like: Model, layers: int, r: int):
+    """A Megatron MoE GPT of `like`'s geometry with `layers` layers in bf16, LoRA (per-expert
+    layout) on every linear; weights uninitialized (torch.empty): only their bytes are read."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_lora import LoRAConfig, lora_spec
+
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=like.hidden, num_attention_heads=like.heads,
+        num_query_groups=like.kv_heads, kv_channels=like.head_dim, ffn_hidden_size=like.hidden,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm", add_bias_linear=False, qk_layernorm=True,
+        num_moe_experts=like.experts, moe_ffn_hidden_size=like.intermediate, moe_router_topk=8,
+        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=True, perform_initialization=False,
+        params_dtype=torch.bfloat16, bf16=True)
+    spec = lora_spec(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                     LoRAConfig(r=r, alpha=2 * r))
+    model = GPTModel(config, spec, vocab_size=like.vocab, max_sequence_length=64,
+                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    return model.to(torch.bfloat16)  # the local spec's torch norms and the router are fp32
+
+
+def measure_moe_bytes(like: Model, layers: int, r: int) -> dict:
+    """The bytes of one merged sync and one adapter sync (and its SGLang payload) of `moe_model`
+    with `layers` layers, read from its parameters (the adapters under their checkpoint names,
+    experts by global index, as slime names them)."""
+    from megatron_lora import gather_peft_adapter, merged_weights
+    from megatron_lora.interop import sglang
+    from megatron_lora.modules import lora_tensors
+
+    model = moe_model(like, layers, r)
+    tensors = {f"module.module.{n}": p.detach() for n, p in model.named_parameters()}
+    view = merged_weights(tensors, model)
+    merged = sum(view[name].numel() * view[name].element_size() for name in view)
+    adapters = {name: param.detach() for name, (param, _) in lora_tensors(model).items()}
+    adapter = gather_peft_adapter(adapters, model, architecture="Qwen3MoeForCausalLM")
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.tensors().values())
+    payload = len(sglang.encode_tensors(adapter.tensors()))
+    del model, tensors, view, adapters, adapter
+    return {"merged": merged, "adapter": adapter_bytes, "payload": payload}
+
+
+def moe_rows(ranks=(16, 64)) -> list[dict]:
+    """Qwen3-30B-A3B's bytes per sync, measured on 1 and 2 of its layers, extrapolated per
+    layer to its 48."""
+    like = next(m for m in QWEN3 if m.experts)
+    rows = []
+    for r in ranks:
+        one, two = (measure_moe_bytes(like, layers, r) for layers in (1, 2))
+        full = {k: one[k] + (like.layers - 1) * (two[k] - one[k]) for k in one}
+        rows.append({"model": like.name, "r": r, "merged_formula": like.parameters() * BF16,
+                     "merged_measured": full["merged"],
+                     "adapter_formula": like.adapter_parameters(r) * BF16,
+                     "adapter_measured": full["adapter"], "payload_bytes": full["payload"],
+                     "ratio": full["adapter"] / full["merged"]})
+    return rows
+
+
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--r", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-moe", dest="moe", action="store_false",
+                        help="skip the Qwen3-30B-A3B measurement (about 4 GB of memory)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.hidden, args.layers, args.r, args.rounds = 256, 2, [16], 2
+        args.hidden, args.layers, args.r, args.rounds, args.moe = 256, 2, [16], 2, False
     return args
 
 
@@ -227,16 +305,21 @@ def main(argv=None):
     print(f"machine: {machine}\n{setup}")
     geometry = geometry_rows()
     common.print_table(GEOMETRY_COLUMNS, geometry)
-    measured, timing = [], []
+    measured, timing, measured_moe = [], [], []
     with common.single_rank():
         for r in args.r:
             m, t = measure_small(args.hidden, args.layers, r, args.rounds)
             measured.append(m)
             timing.append(t)
+        if args.moe:
+            measured_moe = moe_rows()
     common.print_table(MEASURED_COLUMNS, measured)
     common.print_table(TIMING_COLUMNS, timing)
+    if measured_moe:
+        common.print_table(MEASURED_MOE_COLUMNS, measured_moe)
     common.write_json(args.json, {"machine": machine, "setup": setup, "geometry": geometry,
-                                  "measured": measured, "timing": timing})
+                                  "measured": measured, "timing": timing,
+                                  "measured_moe": measured_moe})
 
 
 if __name__ == "__main__":

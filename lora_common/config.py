@@ -178,21 +178,28 @@ class LoRAConfig:
     def from_args(cls, args: Any) -> LoRAConfig:
         """Read the `--lora-*` flags (see `add_lora_arguments`) from an argparse namespace, or
         the same names set by a YAML file (slime's `--custom-config-path`). Absent names keep
-        their defaults. `--lora-seed` falls back to Megatron's `--seed`."""
+        their defaults. `--lora-seed` falls back to Megatron's `--seed`. Where the parser's own
+        definition of a flag was reused under another name (`lora_rank` for our `lora_r`),
+        the value is read from there."""
         default = cls()
-        seed = getattr(args, "lora_seed", None)
+        dests = getattr(args, "lora_flag_dests", None) or {}
+
+        def flag(name, fallback):
+            return getattr(args, dests.get(name, name), fallback)
+
+        seed = flag("lora_seed", None)
         if seed is None:
             seed = getattr(args, "seed", default.seed)
         return cls(
-            r=getattr(args, "lora_r", default.r),
-            alpha=getattr(args, "lora_alpha", default.alpha),
-            dropout=getattr(args, "lora_dropout", default.dropout),
-            target_modules=getattr(args, "lora_target_modules", default.target_modules),
-            exclude_modules=getattr(args, "lora_exclude_modules", None) or (),
-            use_rslora=getattr(args, "lora_rslora", default.use_rslora),
-            init=getattr(args, "lora_init", default.init),
-            only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
+            r=flag("lora_r", default.r),
+            alpha=flag("lora_alpha", default.alpha),
+            dropout=flag("lora_dropout", default.dropout),
+            target_modules=flag("lora_target_modules", default.target_modules),
+            exclude_modules=flag("lora_exclude_modules", None) or (),
+            use_rslora=flag("lora_rslora", default.use_rslora),
+            init=flag("lora_init", default.init),
+            only_trainable=flag("lora_only_trainable", default.only_trainable),
             seed=seed,
-            expert_layout=getattr(args, "lora_expert_layout", default.expert_layout),
-            canonical=getattr(args, "lora_canonical", default.canonical),
+            expert_layout=flag("lora_expert_layout", default.expert_layout),
+            canonical=flag("lora_canonical", default.canonical),
         )

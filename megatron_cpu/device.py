@@ -27,6 +27,12 @@ megatron-core assumes CUDA in these places that a CPU run meets:
   tensors (`moe_utils.maybe_move_tensor_to_cpu`), so on CPU c10d's `all_to_all_single` gets
   tensors for its split sizes and raises `TypeError`. The CPU runtime gives it the synchronous
   stream and numpy split sizes: the same integers, so the dispatch is unchanged;
+- at expert-TP > 1 the dispatcher gathers the tokens of the ETP group's ranks, which hold
+  different numbers of them, and reduce-scatters them back (`tensor_parallel/mappings.py`
+  with split sizes: `torch.distributed.all_gather` / `reduce_scatter` of unequal pieces, which
+  NCCL runs and gloo refuses, "ProcessGroupGloo::allgather: invalid tensor size"). The CPU
+  runtime pads each piece to the largest for the gather and reduces the whole tensor for the
+  reduce-scatter, keeping this rank's piece: the same values, by equal-sized collectives;
 - the pipeline schedules (`get_forward_backward_func`) count tokens in
   `torch.zeros([], device="cuda")`: inside that module, `torch` is a view of torch whose factory
   makes that counter on the CPU.
@@ -116,6 +122,52 @@ def _alltoall_dispatcher_on_cpu() -> None:
     # Imported by name into the dispatcher module, so it is replaced there.
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_numpy(
         token_dispatcher.maybe_move_tensor_to_cpu)
+
+
+def _uneven_gather_on_gloo(gather):
+    """`mappings._gather_along_first_dim` whose unequal pieces (`output_split_sizes`) travel
+    padded to the largest, then are cut back: gloo's all_gather takes equal sizes only."""
+
+    @functools.wraps(gather)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(size) for size in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
+
+    return gather_along_first_dim
+
+
+def _uneven_reduce_scatter_on_gloo(reduce_scatter):
+    """`mappings._reduce_scatter_along_first_dim` with unequal pieces (`input_split_sizes`):
+    the whole tensor summed over the group, this rank's piece kept (gloo has no list
+    reduce-scatter)."""
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(size) for size in input_split_sizes]
+        start = sum(sizes[:group.rank()])
+        return total[start:start + sizes[group.rank()]].clone()
+
+    return reduce_scatter_along_first_dim
+
+
+def _uneven_collectives_on_gloo() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    # The autograd functions in mappings look both up by name at each call.
+    mappings._gather_along_first_dim = _uneven_gather_on_gloo(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter_on_gloo(
+        mappings._reduce_scatter_along_first_dim)
 
 
 class _TorchWithCPUCounters:
@@ -228,6 +280,7 @@ def enable() -> None:
     if not te_extension.HAVE_TE:
         multi_latent_attention.HAVE_TE = False  # TE is absent, whatever its mock import said
     _alltoall_dispatcher_on_cpu()
+    _uneven_collectives_on_gloo()
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchWithCPUCounters()

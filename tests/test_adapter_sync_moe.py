@@ -67,3 +67,59 @@ def test_expert_adapters_gathered_from_a_copy_are_the_peft_export(moe_cases_run)
         assert_same(tensors, first[1], f"{layout} vs {LAYOUTS[0]}")
         assert rank1[layout]["gathered"] is None
     assert all(isinstance(t, torch.Tensor) for t in first[1].values())
+
+
+def test_sglangs_loader_places_every_expert_tensor(moe_cases_run):
+    """The gathered expert adapter as `--lora-sync adapter` sends it (SGLang's payload), read by
+    SGLang 0.5.15.post1's own deserializer and `LoRAAdapter` (the pinned wheel): every tensor
+    lands in its layer, every normalized weight names a module the adapter targets, each expert's
+    gate and up stack into its `gate_up_proj` slot (A then A, B rows gate then up); in the
+    shared-outer form the layer's one `[1, 2r, H]` gate/up A and `[1, H, r]` down B stay shared."""
+    import types
+
+    from megatron_lora.interop import sglang
+    from support import sglang_wheel
+
+    if sglang_wheel.missing_reason():
+        pytest.skip(sglang_wheel.missing_reason())
+    config, tensors = moe_cases_run[0]["EP2"]["gathered"]
+    received = sglang_wheel.serializer().deserialize(sglang.encode_tensors(tensors))
+    with sglang_wheel.lora_modules() as sg:
+        lora_config = sg.LoRAConfig.from_dict(sglang.serving_config(config), None,
+                                              base_vocab_size=tiny_moe.tiny_gpt.VOCAB)
+        adapter = sg.LoRAAdapter("policy", lora_config,
+                                 types.SimpleNamespace(num_hidden_layers=2), None, None, None)
+        assert all(sg.get_layer_id(name) is not None for name in received)
+        adapter.initialize_weights_from_tensors(received)
+        targets = sg.get_normalized_target_modules(lora_config.target_modules)
+        weights = {name: w for layer in adapter.layers for name, w in layer.weights.items()}
+        for name in weights:
+            sg.get_target_module_name(name, targets)  # raises for a weight it cannot place
+    prefix = "base_model.model.model.layers"
+    shared = any(".mlp.experts.gate_proj." in key for key in tensors)
+    for layer in range(2):
+        experts = f"{prefix}.{layer}.mlp.experts"
+        for e in range(NUM_EXPERTS):
+            gate, up, down = (f"{experts}.{e}.{leaf}" for leaf in ("gate_proj", "up_proj",
+                                                                   "down_proj"))
+            B = weights[f"{experts}.{e}.gate_up_proj.lora_B.weight"]
+            assert_same(B, torch.cat([tensors[f"{gate}.lora_B.weight"],
+                                      tensors[f"{up}.lora_B.weight"]]), f"{layer}/{e} gate_up B")
+            assert_same(weights[f"{experts}.{e}.down_proj.lora_A.weight"],
+                        tensors[f"{down}.lora_A.weight"], f"{layer}/{e} down A")
+            if not shared:
+                assert_same(weights[f"{experts}.{e}.gate_up_proj.lora_A.weight"],
+                            torch.cat([tensors[f"{gate}.lora_A.weight"],
+                                       tensors[f"{up}.lora_A.weight"]]), f"{layer}/{e} gate_up A")
+                assert_same(weights[f"{experts}.{e}.down_proj.lora_B.weight"],
+                            tensors[f"{down}.lora_B.weight"], f"{layer}/{e} down B")
+        if shared:
+            A = tensors[f"{experts}.gate_proj.lora_A.weight"]
+            assert_same(weights[f"{experts}.gate_up_proj.lora_A.weight"], torch.cat([A, A], 1),
+                        f"{layer} shared gate_up A")
+            assert_same(weights[f"{experts}.down_proj.lora_B.weight"],
+                        tensors[f"{experts}.down_proj.lora_B.weight"], f"{layer} shared down B")
+    # and nothing else: per layer q/k/v -> qkv and o (A, B), and per expert gate_up and down (A,
+    # B; shared-outer: each expert's gate_up B and down A, the layer's gate_up A and down B)
+    per_layer = 4 + (4 * NUM_EXPERTS if not shared else 2 * NUM_EXPERTS + 2)
+    assert len(weights) == 2 * per_layer

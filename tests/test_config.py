@@ -133,3 +133,62 @@ def test_flags_do_not_clash_with_megatron():
     add_lora_arguments(parser)
     args, _ = parser.parse_known_args(["--q-lora-rank", "64", "--lora-rank", "8", "--lora-r", "4"])
     assert args.q_lora_rank == 64 and args.lora_r == 4
+
+
+def slime_lora_parser(**overrides):
+    """A parser that defines LoRA flags of its own before ours, as slime's PR #1865 does
+    (`--lora-rank`, `--lora-alpha`, `--lora-dropout`, `--lora-target-modules`); `overrides`
+    replace one definition: `{"--lora-rank": dict(type=float)}`."""
+    definitions = {"--lora-rank": dict(type=int, default=0),
+                   "--lora-alpha": dict(type=int, default=16),
+                   "--lora-dropout": dict(type=float, default=0.0),
+                   "--lora-target-modules": dict(type=str, nargs="+", default=None)}
+    definitions.update(overrides)
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    for flag, options in definitions.items():
+        parser.add_argument(flag, **options)
+    return parser
+
+
+def test_flags_already_defined_with_the_same_meaning_are_reused():
+    parser = add_lora_arguments(slime_lora_parser())
+    args = parser.parse_args(["--use-lora", "--lora-rank", "8", "--lora-alpha", "32",
+                              "--lora-target-modules", "linear_qkv", "linear_proj"])
+    # slime reads its own names, we read the config: one value each
+    assert (args.lora_rank, args.lora_alpha, args.lora_target_modules) == (
+        8, 32, ["linear_qkv", "linear_proj"])
+    config = LoRAConfig.from_args(args)
+    assert (config.r, config.alpha, config.target_modules) == (8, 32, ("linear_proj",
+                                                                       "linear_qkv"))
+    assert not hasattr(args, "lora_r")  # no second copy that could disagree
+    # our other spelling stores into the parser's value; the parser's defaults stay
+    args = parser.parse_args(["--lora-r", "4"])
+    assert args.lora_rank == 4 and LoRAConfig.from_args(args).r == 4
+    args = parser.parse_args([])
+    assert (args.lora_rank, args.lora_alpha) == (0, 16)
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r"):  # slime's default rank 0 is no rank
+        LoRAConfig.from_args(args)
+    # our own flags beside them work as before
+    assert parser.parse_args(["--lora-canonical"]).lora_canonical is True
+
+
+@pytest.mark.parametrize("flag, definition", [
+    ("--lora-rank", dict(type=float)),
+    ("--lora-target-modules", dict(type=str, default="all-linear")),   # one string, not a list
+    ("--lora-dropout", dict(action="store_true")),
+])
+def test_a_flag_defined_with_another_meaning_is_refused_by_name(flag, definition):
+    parser = slime_lora_parser(**{flag: definition})
+    before = dict(parser._option_string_actions)
+    with pytest.raises(ValueError, match=rf"^{flag}: the parser already defines it"):
+        add_lora_arguments(parser)
+    assert parser._option_string_actions == before  # nothing was added
+
+
+def test_two_of_our_spellings_defined_as_different_flags_are_refused():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-r", type=int)
+    parser.add_argument("--lora-rank", type=int)
+    with pytest.raises(ValueError, match=r"--lora-r/--lora-rank: the parser already defines "
+                                         r"\['--lora-r', '--lora-rank'\] as different flags"):
+        add_lora_arguments(parser)

@@ -75,6 +75,40 @@ def test_rng_tracker_forks_named_cpu_states():
     assert not torch.equal(rank0[after_nested], rank0[again])
 
 
+def uneven_gather_and_reduce_scatter():
+    """megatron-core's own sequence-parallel gather and reduce-scatter with unequal pieces (what
+    the MoE dispatcher runs over expert-TP): rank i holds i + 2 rows of value i + 1."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import mappings
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = group.rank()
+    sizes = [2, 3]
+    mine = torch.full((sizes[rank], 3), float(rank + 1), requires_grad=True)
+    gathered = mappings.gather_from_sequence_parallel_region(
+        mine, tensor_parallel_output_grad=True, group=group, output_split_sizes=sizes)
+    # backward of the gather: the reduce-scatter of unequal pieces
+    weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
+    (gathered * weights * (rank + 1)).sum().backward()
+    scattered = mappings.reduce_scatter_to_sequence_parallel_region(
+        weights * (rank + 1), group=group, input_split_sizes=sizes)
+    return gathered.detach(), mine.grad, scattered, weights
+
+
+def test_uneven_gather_and_reduce_scatter_on_gloo():
+    """NCCL gathers and reduce-scatters pieces of unequal sizes, gloo refuses them: the CPU
+    runtime gives megatron-core's functions the same results."""
+    ranks = run_on_ranks(uneven_gather_and_reduce_scatter, world_size=2, tp=2)
+    weights = ranks[0][3]
+    want_gathered = torch.cat([torch.full((2, 3), 1.0), torch.full((3, 3), 2.0)])
+    summed = weights * (1 + 2)  # the sum over both ranks of weights * (rank + 1)
+    for rank, (gathered, grad, scattered, _) in enumerate(ranks):
+        assert_same(gathered, want_gathered, f"rank {rank} gathered")
+        piece = summed[:2] if rank == 0 else summed[2:]
+        assert_same(grad, piece, f"rank {rank} grad through the gather")
+        assert_same(scattered, piece, f"rank {rank} reduce-scattered")
+
+
 def fail_on_rank_one():
     if torch.distributed.get_rank() == 1:
         raise ValueError("rank one is broken on purpose")

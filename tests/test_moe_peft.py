@@ -125,3 +125,37 @@ def test_bad_expert_adapters_are_named(imported):
                      r"\(SequentialMLP\)", refused["error"]), refused["error"]
     assert refused["untouched"]
     assert "Qwen3MoeForCausalLM has no shared experts" in imported["shared experts export"]
+
+
+def test_deepseek_v3_experts_and_shared_experts_round_trip(tmp_path):
+    """DeepSeek-V3's layout (a dense first layer, then routed experts beside a shared expert,
+    MLA attention): every exported module is a weight of HF's `DeepseekV3ForCausalLM` (per
+    expert, `mlp.shared_experts.*`, the dense layer's `mlp.*`, MLA's `self_attn.*`), and the
+    adapter imported back into the plain model gives the LoRA model's logits."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    out, = run_on_ranks(moe_peft_cases.deepseek_v3_round_trip, world_size=1,
+                        args=(str(tmp_path / "peft"),))
+    config = DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1)
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        weights = set(f.keys())
+    modules = {key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+               for key in out["modules"]}
+    assert {f"{m}.weight" for m in modules} <= weights, sorted(
+        f"{m}.weight" for m in modules if f"{m}.weight" not in weights)
+    assert {m.split(".mlp.")[-1] for m in modules if ".mlp." in m} == {
+        "gate_proj", "up_proj", "down_proj",
+        *(f"{kind}.{leaf}" for kind in ("shared_experts",) for leaf in
+          ("gate_proj", "up_proj", "down_proj")),
+        *(f"experts.{e}.{leaf}" for e in range(4) for leaf in ("gate_proj", "up_proj",
+                                                               "down_proj"))}
+    ours, imported = out["logits"]
+    torch.testing.assert_close(imported, ours, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,11 @@ extracted from `../shared/vendor` (or `$MEGATRON_LORA_VENDOR`) once per session 
 `MegatronTrainRayActor.init`, `train`, its weight-sync classes, `save_model` and a resume
 (`tests/support/slime/stages.py`), with stand-ins only for what needs a GPU (SGLang's engines,
 torch_memory_saver, Ray's cluster, CUDA-only calls; `tests/support/slime/`). Each test below
-asserts one stage, on TP=2 + sequence parallelism (fp32) and on PP=2 (bf16, slime's default).
+asserts one stage on every layout: the tiny dense Qwen2 at TP=2 + SP (fp32), PP=2 (bf16, slime's
+default), canonical and under the recipes' recompute, and slime's launch recipes scaled down
+(`../shared/vendor/slime-624b824a-scripts.tar.gz`): the Qwen3-30B-A3B MoE recipe, the GLM-4.7 /
+Moonlight MLA recipe (first layer dense, shared expert, sigmoid router with expert bias) and
+context parallelism (run-glm4-9B.sh's CP=2).
 """
 
 from __future__ import annotations
@@ -31,18 +35,71 @@ def _why_not() -> str | None:
 
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
-LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False},
-           "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True},
+# The launch recipes' flags each recipe layout runs beside its parallel sizes (scripts/run-*.sh):
+# activation recompute (21 of slime's 23 recipes), dynamic batching, fp32 grad reduction and
+# softmax, GRPO's clipping and KL type, Adam as the recipes set it. What they set that cannot run
+# on a CPU host is in the README ("What the recipe layouts run").
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "1"]
+PERF = [*RECOMPUTE, "--use-dynamic-batch-size", "--max-tokens-per-gpu", "32",
+        "--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32"]
+RECIPE = [*PERF, "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.00", "--eps-clip", "0.2",
+          "--eps-clip-high", "0.28", "--optimizer", "adam", "--adam-beta1", "0.9",
+          "--adam-beta2", "0.98", "--balance-data"]
+# run-qwen3-30B-A3B.sh: TP=4 + SP, EP=8, ETP=1 -> TP=2 + SP, EP=2, ETP=1 (2 ranks)
+EP2 = ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]
+
+# adapters: (adapter parameters on each rank, adapter tensors in the checkpoint)
+LAYOUTS = {"tp2_sp_fp32": {"tp": 2, "pp": 1, "bf16": False, "adapters": (16, 16)},
+           "pp2_bf16": {"tp": 1, "pp": 2, "bf16": True, "adapters": (8, 16)},
            # --lora-canonical: per-projection adapters through every stage slime runs
-           "tp2_sp_fp32_canonical": {"tp": 2, "pp": 1, "bf16": False, "canonical": True},
-           # the activation recompute of slime's launch recipes (21 of its 23 scripts/run-*.sh)
-           "tp2_sp_fp32_recompute": {"tp": 2, "pp": 1, "bf16": False, "recompute": True}}
+           "tp2_sp_fp32_canonical": {"tp": 2, "pp": 1, "bf16": False, "canonical": True,
+                                     "adapters": (28, 28)},
+           # the activation recompute of slime's launch recipes, on the LoRA run only
+           "tp2_sp_fp32_recompute": {"tp": 2, "pp": 1, "bf16": False, "recompute": True,
+                                     "adapters": (16, 16)},
+           # run-qwen3-30B-A3B.sh (models/qwen3-30B-A3B.sh): 8 experts top-2, grouped GEMM
+           # (TE's GroupedLinear, emulated), all-to-all dispatch; 4 of the 8 experts per rank
+           "qwen3_moe_recipe": {"tp": 2, "pp": 1, "bf16": False, "model": "tiny_qwen3_moe",
+                                "recipe": [*EP2, *RECIPE], "adapters": (40, 72),
+                                "reference": "qwen3_moe_reference",
+                                "built": {"mlp": ["MoELayer"] * 2,
+                                          "experts": ["TEGroupedMLP"] * 2,
+                                          "dispatcher": "alltoall", "ep": 2, "etp": 1}},
+           # the same model and recipe flags at TP=1, EP=1 (2 data-parallel ranks), no
+           # recompute: what the recipe layout must train like (train stage only)
+           "qwen3_moe_reference": {"tp": 1, "pp": 1, "bf16": False, "model": "tiny_qwen3_moe",
+                                   "recipe": RECIPE[len(RECOMPUTE):], "stages": "train"},
+           # run-glm4.7-30B-A3B.sh / run-moonlight-16B-A3B.sh (TP + SP, EP): MLA with q and kv
+           # latent ranks, layer 0 dense (--moe-layer-freq), a shared expert, sigmoid router
+           # with expert bias and top-k scaling; LoRA on every MLA linear and every MLP
+           "deepseek_v3_recipe": {"tp": 2, "pp": 1, "bf16": False, "model": "tiny_deepseek_v3",
+                                  "recipe": [*EP2, *RECIPE], "adapters": (44, 60),
+                                  "built": {"mlp": ["MLP", "MoELayer"],
+                                            "experts": ["NoneType", "TEGroupedMLP"],
+                                            "attention": "MLASelfAttention",
+                                            "router": ("sigmoid", True), "shared_experts": 32,
+                                            "dispatcher": "alltoall", "ep": 2}},
+           # run-glm4-9B.sh's context parallelism (TP=2 + SP, CP=2 -> CP=2) and its perf
+           # flags: slime's zigzag split of every sequence, attention over the CP group (TE's,
+           # emulated); trains like the dense model at TP=2 + SP under recompute
+           "cp2_recipe": {"tp": 1, "pp": 1, "bf16": False,
+                          "recipe": ["--context-parallel-size", "2", *PERF],
+                          "adapters": (16, 16), "reference": "tp2_sp_fp32_recompute",
+                          "built": {"cp": 2}}}
+FULL_RUNS = [name for name, layout in LAYOUTS.items() if layout.get("stages") != "train"]
 
 
 def adapter_count(layout) -> int:
-    """layers x adapted modules x (A, B): qkv, proj, fc1, fc2; canonical: q, k, v, proj, gate,
-    up, fc2."""
-    return 2 * (7 if layout.get("canonical") else 4) * 2
+    """Adapter tensors of the whole model (all layers and experts), as the checkpoint holds
+    them."""
+    return layout["adapters"][1]
+
+
+def _model(run):
+    from support.slime import actors
+
+    return actors.model_module(run["layout"].get("model", "tiny_qwen2"))
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +111,7 @@ def slime_trees(tmp_path_factory):
 def layout_runs(slime_trees, tmp_path_factory):
     """`layout_runs(name)`: the 2-rank launch of one layout, run once per session."""
     from megatron_cpu.processes import run_on_ranks
-    from support.slime import runtime, stages, tiny_qwen2
+    from support.slime import actors, runtime, stages
 
     runs = {}
 
@@ -64,7 +121,8 @@ def layout_runs(slime_trees, tmp_path_factory):
         layout = LAYOUTS[name]
         work = tmp_path_factory.mktemp(f"slime-{name}")
         dtype = torch.bfloat16 if layout["bf16"] else torch.float32
-        hf = tiny_qwen2.write_hf_checkpoint(work / "hf", dtype=dtype)
+        model = actors.model_module(layout.get("model", "tiny_qwen2"))
+        hf = model.write_hf_checkpoint(work / "hf", dtype=dtype)
         ranks = run_on_ranks(
             stages.run_layout, world_size=2, timeout=900,
             args=(str(work), str(hf), str(slime_trees.unpatched_arguments), layout),
@@ -76,7 +134,7 @@ def layout_runs(slime_trees, tmp_path_factory):
     return launch
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
+@pytest.fixture(scope="module", params=FULL_RUNS)
 def run(request, layout_runs):
     return layout_runs(request.param)
 
@@ -118,8 +176,8 @@ def test_init_builds_the_lora_model_with_only_adapters_trainable(run):
     for rank in run["ranks"]:
         init = rank["init"]
         assert init["trainable"] == init["lora_names"]
-        # every adapter of this rank's layers (all layers, or one stage's under PP)
-        assert len(init["lora_names"]) == adapter_count(layout) // layout["pp"]
+        # every adapter of this rank's layers (all layers, or one stage's under PP) and experts
+        assert len(init["lora_names"]) == layout["adapters"][0]
         assert init["base_equal"], "the LoRA model's base is not the checkpoint's"
         assert init["B_zero"] and init["A_nonzero"]
         # the reference policy is the actor's frozen base: no second copy was loaded
@@ -212,20 +270,26 @@ def _synced(run) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_every_sync_path_sends_the_same_merged_hf_tensors(run):
-    from support.slime import tiny_qwen2
+    from support.slime import hf_checkpoints
 
     synced = _synced(run)
-    hf_names = set(tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict())
+    hf_names = hf_checkpoints.tensor_names(run["hf"])  # MoE experts per expert, as saved
     colocated = run["ranks"][0]["sync"]["colocated"]
     assert all(_same(part, colocated[0]) for part in colocated), "engine TP ranks differ"
     for path, tensors in synced.items():
         assert set(tensors) == hf_names, (path, set(tensors) ^ hf_names)
         assert not any("lora" in name for name in tensors), path
         assert _same(tensors, synced["colocated"]), path
-    # the adapters reached the engine: the merged weights are not the base's
-    base = tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict()
-    changed = [n for n in hf_names if not torch.equal(synced["colocated"][n], base[n])]
-    assert len(changed) == 2 * 7  # per layer q, k, v, o, gate, up, down
+    # the adapters reached the engine: exactly the weights of the adapted modules whose B moved
+    # off zero differ from the base (an expert no token reached keeps B = 0)
+    base = _hf_base(run)
+    changed = {n for n in hf_names if not torch.equal(synced["colocated"][n], base[n])}
+    _, export = run["ranks"][0]["sync"]["adapter_colocated"]["export"]
+    moved = {key.removeprefix("base_model.model.").replace(".lora_B.weight", ".weight")
+             for key, B in export.items() if key.endswith(".lora_B.weight") and B.any()}
+    assert moved <= hf_names, sorted(moved - hf_names)  # every PEFT module is an HF weight
+    assert changed == moved, sorted(changed ^ moved)
+    assert len(moved) >= 0.7 * len({k for k in export if k.endswith(".lora_B.weight")})
 
 
 def _same(a, b):
@@ -233,16 +297,16 @@ def _same(a, b):
 
 
 def test_hf_model_from_the_synced_tensors_gives_the_lora_models_logits_and_log_probs(run):
-    from support.slime import tiny_qwen2
+    from support.slime import hf_checkpoints
 
-    model = tiny_qwen2.hf_model(run["hf"], run["dtype"], state=_synced(run)["colocated"])
+    model = hf_checkpoints.hf_model(run["hf"], run["dtype"], state=_synced(run)["colocated"])
     last = run["ranks"][-1]
     hf_log_probs, hf_logits = _hf_log_probs(model, 0, _Batch)
     for got, want in zip(hf_log_probs, last["trained_log_probs"][0], strict=True):
         torch.testing.assert_close(got, want.float(), **_tol(run))
-    if last["trained_logits"] is not None:  # no pipeline: the model's own forward
+    if last["trained_logits"] is not None:  # no pipeline or CP: the model's own forward
         torch.testing.assert_close(hf_logits, last["trained_logits"], **_tol(run))
-    base = tiny_qwen2.hf_model(run["hf"], run["dtype"])
+    base = hf_checkpoints.hf_model(run["hf"], run["dtype"])
     base_log_probs, _ = _hf_log_probs(base, 0, _Batch)
     for got, want in zip(base_log_probs, last["base_log_probs"][0], strict=True):
         torch.testing.assert_close(got, want.float(), **_tol(run))
@@ -261,9 +325,10 @@ def test_colocated_sync_reads_only_the_cpu_backup(run):
 
 
 def _hf_base(run):
-    from support.slime import tiny_qwen2
+    """The HF checkpoint's tensors by their saved names."""
+    from support.slime import hf_checkpoints
 
-    return tiny_qwen2.hf_model(run["hf"], run["dtype"]).state_dict()
+    return hf_checkpoints.read_tensors(run["hf"])
 
 
 def _adapter_loads_equal_the_export(loads, export, doubled_after=None):
@@ -303,7 +368,6 @@ def test_adapter_sync_colocated_sends_the_unmerged_base_once_then_only_the_adapt
         assert all(torch.equal(part[n], base[n]) for n in base)
     assert len(sync["loads"]) == 2
     _adapter_loads_equal_the_export(sync["loads"], sync["export"], doubled_after=1)
-    assert len(sync["export"][1]) == 2 * 7 * 2  # layers x (q, k, v, o, gate, up, down) x (A, B)
     assert sync["decoder"] == "sglang"  # read with SGLang's own deserializer, from the wheel
     for rank in run["ranks"]:
         assert rank["sync"]["adapter_colocated"]["live_restored"]
@@ -335,9 +399,9 @@ def test_save_model_writes_the_adapter_file(run):
     assert len(checkpoint.tensors) == adapter_count(run["layout"])
     assert checkpoint.config.canonical is bool(run["layout"].get("canonical"))
     assert (checkpoint.config.r, checkpoint.config.alpha) == (4, 8)
-    # every adapter of every stage, each rank's share of them as trained
-    assert sum(len(rank["trained_lora"]) for rank in run["ranks"]) == (
-        adapter_count(run["layout"]) * run["layout"]["tp"])
+    # every adapter of every stage and expert, each rank's share of them as trained
+    for rank in run["ranks"]:
+        assert len(rank["trained_lora"]) == run["layout"]["adapters"][0]
 
 
 def _work(run):
@@ -351,3 +415,127 @@ def test_resume_with_load_restores_the_adapters_exactly(run):
         assert rank["resume"]["lora_equal"] and rank["resume"]["base_equal"]
     for got, want in zip(last["resume"]["log_probs"], last["trained_log_probs"][0], strict=True):
         assert torch.equal(got, want)
+
+
+# ----- the recipe layouts ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n, layout in LAYOUTS.items() if "built" in layout])
+def test_recipe_flags_built_what_they_name(layout_runs, name):
+    """Megatron built what the recipe's flags ask for (grouped experts, the dispatcher, MLA,
+    the dense first layer, the router, expert / context parallel sizes), with slime's
+    recompute, dynamic batching and fp32 grad reduction on."""
+    run = layout_runs(name)
+    for rank in run["ranks"]:
+        built = rank["built"]
+        for key, want in run["layout"]["built"].items():
+            assert built[key] == want, (key, built[key])
+        assert rank["recompute"] == ("full", "uniform", 1)
+        assert built["dynamic_batch_size"] and built["grad_reduce_in_fp32"]
+
+
+@pytest.mark.parametrize("name", [n for n, layout in LAYOUTS.items() if "reference" in layout])
+def test_recipe_layouts_train_like_their_reference(layout_runs, name):
+    """After each rollout every adapter (saved whole, by its global name: experts by global
+    index) equals that of the same run at other parallel sizes: the MoE recipe at TP=2 + SP, EP=2
+    under recompute the same model at TP=1, EP=1 over two data-parallel ranks; CP=2 the dense
+    model at TP=2 + SP (both under recompute). Adam divides each grad by its own size, so an
+    element whose grad is at fp32 rounding level moves by about the learning rate (2e-2) either
+    way: measured, the MoE recipe's largest difference 1.3e-5 on such elements, the rest within
+    1e-5; hence atol 3e-5 (1.5e-3 of the learning rate)."""
+    from megatron_lora import read_lora_checkpoint
+
+    run, reference = layout_runs(name), layout_runs(LAYOUTS[name]["reference"])
+    for rollout_id in range(2):
+        got, want = (read_lora_checkpoint(_work(r) / f"adapters-{rollout_id}.safetensors").tensors
+                     for r in (run, reference))
+        assert got.keys() == want.keys() and len(got) == adapter_count(run["layout"])
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=3e-5,
+                                       msg=f"rollout {rollout_id}: {key}")
+        assert any(t.any() for k, t in got.items() if ".lora_B." in k)
+
+
+def test_the_adapter_payload_on_the_base_is_the_merged_sync(run):
+    """What `--lora-sync adapter` sends, applied as SGLang applies it (`W + lora_alpha / r *
+    B @ A` per HF module, experts one by one), turns the HF base into what the merged sync sends:
+    the adapter's names, splits (q/k/v, gate/up, each expert, MLA's linears) and scaling are
+    the model's."""
+    from support.slime import hf_checkpoints
+
+    config, tensors = run["ranks"][0]["sync"]["adapter_colocated"]["export"]
+    base = hf_checkpoints.read_tensors(run["hf"])
+    merged = dict(_synced(run)["colocated"])
+    scaling = config["lora_alpha"] / config["r"]
+    applied = dict(base)
+    for key, A in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            B = tensors[key.replace(".lora_A.", ".lora_B.")]
+            weight = base[module + ".weight"]
+            applied[module + ".weight"] = (weight.double() + scaling * B.double() @ A.double())
+    for name, value in merged.items():
+        torch.testing.assert_close(applied[name].to(value.dtype), value, **_merge_tol(run),
+                                   msg=name)
+
+
+def _merge_tol(run):
+    # the merged sync computes W + s B A in fp32 per shard and casts once
+    return dict(rtol=0, atol=1e-6) if run["dtype"] == torch.float32 else dict(rtol=0, atol=0.02)
+
+
+# SGLang's fused LoRA slots and the HF modules they stack, in their order
+_SGLANG_STACKS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj",
+                                                                               "up_proj"),
+                  "fused_qkv_a_proj_with_mqa": ("q_a_proj", "kv_a_proj_with_mqa")}
+
+
+def test_sglangs_loader_takes_every_tensor_of_the_payload(run):
+    """SGLang 0.5.15.post1's own `LoRAAdapter` (from the pinned wheel) loads the payload the
+    engine received: every tensor lands in a layer, every weight it normalizes names a module
+    the adapter targets (its memory pool's `get_target_module_name`), routed experts keep their
+    global index, and each of SGLang's stacked slots (q/k/v, gate/up, MLA's q_a + kv_a) holds,
+    slice by slice, the delta the merged sync applied to that HF weight."""
+    import json
+    import types
+
+    from support import sglang_wheel
+    from support.slime import hf_checkpoints
+
+    if sglang_wheel.missing_reason():
+        pytest.skip(sglang_wheel.missing_reason())
+    _, config, sent = run["ranks"][0]["sync"]["adapter_colocated"]["loads"][0]
+    layers = json.loads((run["hf"] / "config.json").read_text())["num_hidden_layers"]
+    with sglang_wheel.lora_modules() as sg:
+        lora_config = sg.LoRAConfig.from_dict(config, None, base_vocab_size=hf_checkpoints.VOCAB)
+        adapter = sg.LoRAAdapter("policy", lora_config,
+                                 types.SimpleNamespace(num_hidden_layers=layers), None, None, None)
+        assert all(sg.get_layer_id(name) is not None for name in sent)
+        adapter.initialize_weights_from_tensors(sent)
+        targets = sg.get_normalized_target_modules(lora_config.target_modules)
+        weights = [dict(layer.weights) for layer in adapter.layers]
+        for layer in weights:
+            for name in layer:
+                sg.get_target_module_name(name, targets)  # raises for a weight it cannot place
+        scaling = adapter.scaling
+    base = hf_checkpoints.read_tensors(run["hf"])
+    merged = _synced(run)["colocated"]
+    seen = set()
+    for layer in weights:
+        for name, A in layer.items():
+            if ".lora_A." not in name:
+                continue
+            B = layer[name.replace(".lora_A.", ".lora_B.")]
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            parent, slot = module.rsplit(".", 1)
+            parts = [f"{parent}.{leaf}" for leaf in _SGLANG_STACKS.get(slot, (slot,))]
+            rows = [base[f"{p}.weight"].shape[0] for p in parts]
+            r = A.shape[0] // len(parts)
+            for i, (part, B_i) in enumerate(zip(parts, B.split(rows), strict=True)):
+                delta = scaling * B_i.double() @ A[i * r:(i + 1) * r].double()
+                torch.testing.assert_close(
+                    (merged[f"{part}.weight"].double() - base[f"{part}.weight"].double()),
+                    delta, **_merge_tol(run), msg=part)
+                seen.add(part)
+    # every HF module of the payload was checked through SGLang's slots
+    sent_modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in sent}
+    assert seen == sent_modules, sorted(seen ^ sent_modules)

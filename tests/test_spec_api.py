@@ -136,6 +136,62 @@ def test_custom_megatron_init_points_slime_at_the_lora_spec():
                                        "--lora-base-spec", "a", "b"))
 
 
+def dense_mtp_cases():
+    """A dense model with an MTP layer (slime's MiMo-7B recipe, `--mtp-num-layers 1`), built as
+    slime's model provider builds it: the `--spec` function's result handed to megatron-core's
+    own `get_gpt_mtp_block_spec`."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    from megatron_lora import get_gpt_lora_spec, lora_spec
+    from support import lora_helpers
+
+    config = tiny_gpt.transformer_config(mtp_num_layers=1)
+    out = {}
+    try:  # the plain LoRA layer spec: its class is a subclass of TransformerLayer
+        get_gpt_mtp_block_spec(config, lora_spec(tiny_gpt.local_spec(), CONFIG),
+                               use_transformer_engine=False)
+    except ValueError as error:
+        out["layer_spec_refused"] = str(error)[:40]
+
+    def build(spec):
+        torch.manual_seed(0)
+        return GPTModel(config, spec, vocab_size=tiny_gpt.VOCAB,
+                        max_sequence_length=tiny_gpt.SEQ, position_embedding_type="rope",
+                        mtp_block_spec=get_gpt_mtp_block_spec(config, spec,
+                                                              use_transformer_engine=False))
+
+    plain = build(tiny_gpt.local_spec())
+    lora = build(get_gpt_lora_spec(lora_args("--lora-r", "4", "--lora-alpha", "8"), config))
+    out["names"] = (sorted(n for n, _ in plain.named_parameters()),
+                    sorted(n for n, _ in lora.named_parameters()))
+    out["plain_state"], out["lora_state"] = tiny_gpt.full_state(plain), tiny_gpt.full_state(lora)
+    tokens, positions, labels = tiny_gpt.batch()  # the MTP layer's forward needs labels
+    out["losses"] = [model(tokens, positions, None, labels=labels).detach()
+                     for model in (plain, lora)]
+    lora_helpers.set_nonzero_B(lora)
+    tiny_gpt.loss(lora).backward()
+    out["mtp_grads"] = {n: p.grad.abs().sum().item() for n, p in lora.named_parameters()
+                        if n.startswith("mtp.") and ".lora_" in n}
+    return out
+
+
+def test_dense_mtp_model_gets_lora_through_megatrons_mtp_block_spec():
+    """`get_gpt_lora_spec` hands a dense MTP model the decoder block form (megatron-core's
+    `get_gpt_mtp_block_spec` refuses a layer spec whose class is not exactly TransformerLayer):
+    B = 0 gives the plain model's per-token losses bit for bit, with its base names and
+    weights, and the MTP layer's own adapters get grads from its loss."""
+    out, = run_on_ranks(dense_mtp_cases, world_size=1)
+    assert out["layer_spec_refused"].startswith("Invalid spec")
+    plain_names, lora_names = out["names"]
+    assert [n for n in lora_names if ".lora_" not in n] == plain_names
+    lora_base = {n: t for n, t in out["lora_state"].items() if ".lora_" not in n}
+    assert_same(lora_base, out["plain_state"], "base weights")
+    assert_same(*out["losses"], "B = 0 per-token losses")
+    assert len(out["mtp_grads"]) == 4 * 2  # qkv, proj, fc1, fc2 of the MTP layer: A and B
+    assert all(grad > 0 for grad in out["mtp_grads"].values()), out["mtp_grads"]
+
+
 def posthoc_cases():
     from megatron_lora import apply_lora_to_megatron_model, get_lora_parameters, lora_spec
 

@@ -227,3 +227,17 @@ def test_megatron_fp8_config_runs_the_te_gpt_in_fp8(gpt_results, recipe):
         assert "high_precision_gemms" not in case["stats"]
         assert case["loss"] != high and case["loss"] == pytest.approx(high, rel=1e-3)
         assert [n for n, g in case["grads"].items() if not torch.isfinite(g).all()] == []
+
+
+def test_context_parallel_attention_equals_attention_over_the_whole_sequences(layer_results):
+    """CP=2 in the zigzag layout (each sequence's chunks r and 3 - r on rank r), packed
+    sequences with padding inside them, GQA, causal: every rank's output and q / k / v grads are
+    its rows of the same attention run on the whole sequences (k / v grads summed back from the
+    other rank's queries)."""
+    for rank, results in enumerate(layer_results):
+        result = results["context_parallel_attention"]
+        for what, got, want in zip(("out", "dq", "dk", "dv"), result["cp"], result["whole"],
+                                   strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
+                                       msg=f"rank {rank} {what}")
+        assert result["cp"][2].abs().sum() > 0

@@ -38,11 +38,12 @@ def gpt_lora_spec(
 
     lora = lora or LoRAConfig()
     moe.check_moe_config(config, lora.resolve_targets(MEGATRON_TARGET_MODULES))
-    return lora_spec(
+    spec = lora_spec(
         default_gpt_spec(config, use_transformer_engine=use_transformer_engine,
                          num_experts=num_experts, vp_stage=vp_stage, **layer_spec_kwargs),
         lora,
     )
+    return block_form_with_mtp(spec, config, vp_stage)
 
 
 def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> Any:
@@ -59,7 +60,7 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
         base = _import_base_spec(base_spec)
         if callable(base):
             base = base(args, config, vp_stage)
-        return lora_spec(base, lora)
+        return block_form_with_mtp(lora_spec(base, lora), config, vp_stage)
     use_te = None
     if getattr(args, "transformer_impl", "transformer_engine") != "transformer_engine":
         use_te = False
@@ -69,6 +70,23 @@ def get_gpt_lora_spec(args: Any, config: Any, vp_stage: int | None = None) -> An
     return gpt_lora_spec(config, lora, use_transformer_engine=use_te,
                          num_experts=getattr(args, "num_experts", None), vp_stage=vp_stage,
                          **spec_flags)
+
+
+def block_form_with_mtp(spec: Any, config: Any, vp_stage: int | None = None) -> Any:
+    """With MTP layers (`config.mtp_num_layers`), a layer spec in the decoder block form.
+
+    Launchers hand the decoder spec to megatron-core's `get_gpt_mtp_block_spec`, which takes a
+    block spec or a layer spec whose class *is* `TransformerLayer` (`==`, "Invalid spec"
+    otherwise): the LoRA layer class is a subclass. The block form is what `TransformerBlock`
+    builds from a layer spec anyway (megatron-core's `_get_block_submodules`: this stage's
+    layers and its final norm), so the decoder is the same model; megatron-core's own MoE path
+    hands over that form too. Without MTP the spec is returned as it is."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import _get_block_submodules
+
+    if not getattr(config, "mtp_num_layers", None) or not isinstance(spec, ModuleSpec):
+        return spec
+    return _get_block_submodules(config, spec, vp_stage=vp_stage)
 
 
 def _import_base_spec(base_spec) -> Any:

@@ -30,11 +30,15 @@ class Architecture:
     qkv_bias: bool   # q/k/v projections have biases (o_proj and the MLP do not)
     qk_norm: bool    # RMSNorm over each head's q and k, before RoPE
     attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
-    moe: ExpertNames | None = None  # routed experts (MoE architectures), no shared experts
+    moe: ExpertNames | None = None  # routed experts (MoE architectures)
+    shared_experts: str | None = None  # the shared experts inside an HF layer (a gated MLP)
 
 
 QWEN3_MOE_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
                                 num_experts_field="num_experts", ffn_field="moe_intermediate_size")
+DEEPSEEK_V3_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
+                                  num_experts_field="n_routed_experts",
+                                  ffn_field="moe_intermediate_size")
 MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe.experts", "w1", "w3", "w2",
                               num_experts_field="num_local_experts", ffn_field="intermediate_size")
 
@@ -48,9 +52,10 @@ ARCHITECTURES: dict[str, Architecture] = {
                      moe=QWEN3_MOE_EXPERTS),
         Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
                      moe=MIXTRAL_EXPERTS),
-        # Dense layers; routed experts are not mapped (their HF and Megatron names differ).
+        # the first_k_dense_replace layers dense, then routed experts beside shared experts
         Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
-                     attention="mla"),
+                     attention="mla", moe=DEEPSEEK_V3_EXPERTS,
+                     shared_experts="mlp.shared_experts"),
     )
 }
 

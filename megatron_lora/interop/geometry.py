@@ -95,8 +95,11 @@ class Geometry:
         """From an HF config of a known architecture (all of them use SwiGLU)."""
         arch = architecture(config)
         mla, moe = arch.attention == "mla", arch.moe
+        if moe and getattr(config, "first_k_dense_replace", 0) >= config.num_hidden_layers:
+            moe = None  # DeepSeek-V3 with every layer dense
         heads = config.num_attention_heads
         experts = getattr(config, moe.num_experts_field) if moe else None
+        shared = getattr(config, "n_shared_experts", None) if arch.shared_experts and moe else None
         # HF's own rule: an absent or None head_dim means hidden_size / heads. MLA's head
         # widths are its own fields (DeepSeek-V3's `head_dim` is the rope width); Megatron's
         # MLA config keeps kv_channels at its default, hidden_size / heads.
@@ -109,6 +112,8 @@ class Geometry:
             ffn_hidden_size=config.intermediate_size, gated_linear_unit=True,
             num_moe_experts=experts,
             moe_ffn_hidden_size=getattr(config, moe.ffn_field) if moe else None,
+            moe_shared_expert_intermediate_size=(shared * getattr(config, moe.ffn_field)
+                                                 if shared else None),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ form, and PEFT (0.21) converts it on load into transformers 5's fused expert par
     mlp.experts.linear_fc2 of expert e                mlp.experts.{e}.down_proj
 
 fc1's A goes to both gate and up, its B's rows split `[gate; up]` (the full, TP-gathered B).
+Shared experts (DeepSeek-V3's `mlp.shared_experts`, one gated MLP) split the same way:
+`mlp.shared_experts.linear_fc1` -> `mlp.shared_experts.gate_proj`, `.up_proj`.
 A factor the experts of a layer share (`shared_outer`) is, in SGLang's form, one `[1, ...]`
 tensor under the expert-less module `mlp.experts.gate_proj` (and `up_proj`: the same A), or
 `mlp.experts.down_proj` for fc2's B.
@@ -58,6 +60,29 @@ def parse_module(name: str) -> tuple[ExpertNames, int, str, int | None] | None:
         if match:
             expert = None if match["expert"] is None else int(match["expert"])
             return names, int(match["layer"]), match["leaf"], expert
+    return None
+
+
+def shared_module_names(architecture: Architecture, layer: int, target: str) -> tuple[str, ...]:
+    """The HF modules of a shared-experts target of `architecture` (gate/up/down leaves)."""
+    if architecture.shared_experts is None:
+        raise ValueError(f"{architecture.name} has no shared experts")
+    names = require_experts(architecture)
+    return tuple(f"model.layers.{layer}.{architecture.shared_experts}.{leaf}"
+                 for leaf in leaves(names, target))
+
+
+def parse_shared_module(name: str) -> tuple[Architecture, int, str] | None:
+    """(architecture, layer, leaf) of an HF shared-experts module name, None if it names none."""
+    for arch in ARCHITECTURES.values():
+        if arch.shared_experts is None:
+            continue
+        names = arch.moe
+        pattern = (_HF_PREFIX + re.escape(arch.shared_experts) + r"\.(?P<leaf>"
+                   + "|".join(map(re.escape, (names.gate, names.up, names.down))) + r")$")
+        match = re.match(pattern, name)
+        if match:
+            return arch, int(match["layer"]), match["leaf"]
     return None
 
 

@@ -11,6 +11,7 @@ tensors, after the TP gather, where fc1's B is `[gate; up]` again. A canonical a
 (`linear_qkv.lora_q`) is already its HF module's: it is written as it is, at its own rank.
 
 MoE routed experts export per expert (`hf_experts.py`): `mlp.experts.{e}.gate_proj` and so on,
+(shared experts, where the architecture has them, as its `mlp.shared_experts.gate_proj`, ...),
 with the global expert index, the form SGLang and vLLM serve and PEFT converts for
 transformers 5. With `shared_outer` adapters the factors the experts share are written once in
 SGLang's form (`mlp.experts.gate_proj.lora_A.weight` `[1, r, H]`), or, with
@@ -55,9 +56,16 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
     for (layer, kind, target, expert, projection), matrices in sorted(units.items(),
                                                                       key=_unit_order):
         if kind == SHARED_EXPERTS:
-            raise ValueError(f"{arch.name} has no shared experts: the adapter of "
-                             f"decoder.layers.{layer}.mlp.shared_experts.{target} has no HF "
-                             f"counterpart (leave shared_experts out of target_modules)")
+            if arch.shared_experts is None:
+                raise ValueError(f"{arch.name} has no shared experts: the adapter of "
+                                 f"decoder.layers.{layer}.mlp.shared_experts.{target} has no HF "
+                                 f"counterpart (leave shared_experts out of target_modules)")
+            A, B = matrices["A"], matrices["B"]
+            parts = hf_mapping.split_fc1(B) if target == "linear_fc1" else (B,)
+            for name, part in zip(hf_experts.shared_module_names(arch, layer, target), parts,
+                                  strict=True):
+                adapters[name] = (A.clone(), part.contiguous())
+            continue
         if projection is not None:  # canonical: one projection's own adapter, as it is
             adapters[hf_mapping.hf_projection_module(layer, target, projection)] = (
                 matrices["A"], matrices["B"])

@@ -27,12 +27,19 @@ import torch
 
 from lora_common.peft_files import adapter_tensor_key
 from megatron_lora.interop import hf_experts, hf_mapping
-from megatron_lora.interop.adapter_keys import ATTENTION, DENSE, EXPERTS, AdapterKey
+from megatron_lora.interop.adapter_keys import (
+    ATTENTION,
+    DENSE,
+    EXPERTS,
+    SHARED_EXPERTS,
+    AdapterKey,
+)
 from megatron_lora.interop.geometry import Geometry
 
 
 def _ffn(kind: str, geometry: Geometry) -> int:
-    return geometry.ffn_size("experts" if kind == EXPERTS else "dense")
+    return geometry.ffn_size({EXPERTS: "experts", SHARED_EXPERTS: "shared_experts"}.get(kind,
+                                                                                       "dense"))
 
 
 def _in_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | None:
@@ -72,6 +79,13 @@ def group_by_target(adapter, geometry: Geometry, source: str, attention: str = "
 def _hf_place(module: str, geometry: Geometry, source: str, attention: str = "standard"):
     """(layer, kind, Megatron target, expert, HF leaf, HF module names of the unit, leaves of
     the unit) of one HF adapter module."""
+    shared = hf_experts.parse_shared_module(module)
+    if shared is not None:
+        arch, layer, leaf = shared
+        target = hf_experts.target_of(arch.moe, leaf)
+        return (layer, SHARED_EXPERTS, target, None, leaf,
+                hf_experts.shared_module_names(arch, layer, target),
+                hf_experts.leaves(arch.moe, target))
     expert = hf_experts.parse_module(module)
     if expert is not None:
         names, layer, leaf, index = expert
@@ -117,9 +131,11 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str, attention: str =
 
     rank = max(len(parts) for parts in grouped.values()) * r  # e.g. q, k, v present: 3r
     # A dense target the adapter leaves out in some layers (PEFT's layers_to_transform) gets
-    # zeros there: Megatron's LoRA covers a target in every layer.
+    # zeros there: Megatron's LoRA covers a target in every layer. (Attention only in an MoE
+    # model: which layers have a dense MLP, shared or routed experts is not the geometry's.)
+    filled = (ATTENTION,) if geometry.num_moe_experts else (ATTENTION, DENSE)
     for layer in range(geometry.num_layers):
-        for _, kind, target, _ in {u for u in grouped if u[1] != EXPERTS}:
+        for _, kind, target, _ in {u for u in grouped if u[1] in filled}:
             unit = (layer, kind, target, None)
             if unit not in grouped:
                 grouped[unit] = {}
@@ -194,6 +210,6 @@ def _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, s
         A_fused[offset:offset + r] = A
         B_parts[index][:, offset:offset + r] = B
         offset += r
-    if kind == EXPERTS:
+    if kind in (EXPERTS, SHARED_EXPERTS):
         return A_fused, torch.cat(B_parts, dim=0)  # fc1: [gate; up]
     return A_fused, hf_mapping.fuse_target(target, B_parts, geometry)

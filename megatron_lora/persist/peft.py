@@ -89,7 +89,7 @@ def _check_exportable(model, arch) -> None:
     if Geometry.from_megatron(model_config(model)).num_moe_experts and arch.moe is None:
         hf_experts.require_experts(arch)
     shared = [name for name in lora_modules(model) if ".shared_experts." in name]
-    if shared:
+    if shared and arch.shared_experts is None:
         raise ValueError(f"{arch.name} has no shared experts: the adapter of {shared[0]} has no "
                          f"HF counterpart (leave shared_experts out of target_modules)")
 

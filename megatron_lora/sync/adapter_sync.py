@@ -15,6 +15,7 @@ import torch
 
 from megatron_lora.interop import sglang
 from megatron_lora.sync import engines as engine_clients
+from megatron_lora.sync.serving_form import peft_form
 from megatron_lora.sync.slime import adapter_mode
 
 
@@ -28,6 +29,9 @@ class AdapterSync:
         self.model = model
         self.name = name
         self.client = client if client is not None else engine_clients.client("sglang")
+        # the HF names the engine knows the model's modules by, and the experts' shared factors
+        # in SGLang's shared form or copied into every expert (serving_form.py)
+        self.architecture, self.expand_shared = peft_form(args) if self.enabled else (None, True)
         # Without a CPU copy, SGLang's offload drops the base weights: resend them each sync.
         self.base_survives = not getattr(args, "offload_rollout", False) or bool(
             getattr(args, "sglang_enable_weights_cpu_backup", False))
@@ -59,7 +63,8 @@ class AdapterSync:
             return
         from megatron_lora.sync.peft_tensors import gather_peft_adapter
 
-        adapter = gather_peft_adapter(tensors, self.model)
+        adapter = gather_peft_adapter(tensors, self.model, architecture=self.architecture,
+                                      expand_shared=self.expand_shared)
         self.base_sent = True
         if adapter is None:  # not rank 0
             return

@@ -31,6 +31,7 @@ import torch
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import is_lora_parameter
 from megatron_lora.interop import hf_mapping, sglang
+from megatron_lora.sync.serving_form import serving_problems
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,16 @@ def check_lora_sync_args(args) -> None:
         problems.append("--use-lora is off (there is no adapter to sync)")
     config = LoRAConfig.from_args(args)
     targets = config.target_modules or MEGATRON_TARGET_MODULES
-    unmapped = [t for t in targets if t not in hf_mapping.TARGETS]
+    # a dotted entry (experts.linear_fc1) has the names of its last module
+    known = hf_mapping.TARGETS + hf_mapping.MLA_TARGETS
+    modules = [t.rsplit(".", 1)[-1] for t in targets]
+    unmapped = [t for t, module in zip(targets, modules, strict=True) if module not in known]
     if unmapped:
         problems.append(f"--lora-target-modules {unmapped} have no HF PEFT names "
-                        f"(the adapter sync knows {', '.join(hf_mapping.TARGETS)})")
-    hf_targets = hf_mapping.hf_target_modules([t for t in targets if t in hf_mapping.TARGETS])
-    experts = getattr(args, "num_experts", None)
-    if experts:
-        # The package's producer carries expert adapters (gather_peft_adapter), but slime's
-        # MoE sync path and SGLang's MoE LoRA serving are not verified with it yet.
-        problems.append(f"--num-experts {experts}: the adapter sync of MoE models through slime "
-                        f"is not wired yet (use --lora-sync merged)")
+                        f"(the adapter sync knows {', '.join(known)})")
+    hf_targets = hf_mapping.hf_target_modules([m for m in modules if m in known])
+    # MoE experts and multi-latent attention: their names, and what SGLang cannot serve
+    problems += serving_problems(args, targets, config.expert_layout)
     transport = getattr(args, "update_weight_transport", None)
     if transport == "disk" or getattr(args, "update_weight_mode", "full") == "delta":
         problems.append(f"--update-weight-transport {transport} / --update-weight-mode "

@@ -48,7 +48,7 @@ def write(path, seed: int = 0) -> Path:
     """The HF folder (fp32 weights drawn by `hf_llama.build_hf_model`: unit-scale activations,
     non-trivial norms and biases) with slime's tokenizer for the tiny Qwen2 vocabulary."""
     from support import hf_llama
-    from support.slime.tiny_qwen2 import tokenizer
+    from support.slime.hf_checkpoints import tokenizer
 
     model = hf_llama.build_hf_model(hf_config(), seed=seed)
     path = Path(path)

@@ -27,7 +27,7 @@ CONFIG = dict(
     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rms_norm_eps=1e-6,
     max_position_embeddings=4 * hf_llama.SEQ, tie_word_embeddings=False, attention_bias=False,
     attention_dropout=0.0, rope_interleave=True,
-    # every layer dense: the routed experts (which these names do not map) are never built
+    # every layer dense: the routed experts (which this converter does not map) are never built
     first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
     moe_intermediate_size=32,
 )

@@ -21,13 +21,20 @@ LAYOUTS = {
     "TP2+SP EP2": (dict(tp=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1), True),
     "TP2+SP ETP2": (dict(tp=2, expert_tensor_parallel_size=2), True),
 }
+# 4 ranks: the experts split over EP and each expert over ETP at once (the ETP group's ranks
+# then hold different tokens: the dispatcher's gathers have unequal pieces)
+LAYOUTS_4 = {
+    "EP2 ETP2": (dict(tp=1, expert_model_parallel_size=2, expert_tensor_parallel_size=2), False),
+    "TP2+SP EP2 ETP2": (dict(tp=2, expert_model_parallel_size=2, expert_tensor_parallel_size=2),
+                        True),
+}
 
 
 def use_layout(name: str) -> bool:
     """Initialize the parallel state of a layout; returns its sequence-parallel flag."""
     from megatron_cpu.launch import initialize_model_parallel
 
-    sizes, sp = LAYOUTS[name]
+    sizes, sp = {**LAYOUTS, **LAYOUTS_4}[name]
     initialize_model_parallel(**sizes)
     return sp
 
@@ -63,7 +70,10 @@ def data_parallel_loss(model, step: int) -> torch.Tensor:
 
     dp, rank = (parallel_state.get_data_parallel_world_size(),
                 parallel_state.get_data_parallel_rank())
-    tokens, positions, labels = (t[rank::dp] for t in tiny_gpt.batch(step))
+    # one row per rank at least (4 ranks at TP=1 are 4 data-parallel ranks), the same batch at
+    # every layout of a launch
+    rows = max(tiny_gpt.BATCH, torch.distributed.get_world_size())
+    tokens, positions, labels = (t[rank::dp] for t in tiny_gpt.batch(step, rows))
     return model(tokens, positions, None, labels=labels).float().mean()
 
 
@@ -110,6 +120,14 @@ def train_runs(runs: list[tuple[str, str]], te: bool, shared_ffn: int | None = N
     out["dropout_at_etp2"] = _error(lambda: lora_moe(
         LoRAConfig(r=CONFIG.r, dropout=0.1, expert_layout=runs[0][1]), te))
     return out
+
+
+def four_rank_runs(sequential: list[tuple[str, str]], grouped: list[tuple[str, str]],
+                   shared_ffn: int):
+    """`train_runs` of SequentialMLP and of TEGroupedMLP (beside shared experts) in one 4-rank
+    launch (on the TE emulation, which the local-spec SequentialMLP does not use)."""
+    return {"sequential": train_runs(sequential, False),
+            "grouped": train_runs(grouped, True, shared_ffn)}
 
 
 # ----- one rank, on the TE emulation: every expert implementation ---------------------------

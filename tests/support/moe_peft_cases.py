@@ -79,3 +79,34 @@ def peft_logits(adapter_dir: str, model_type: str) -> tuple[torch.Tensor, list[s
     """Real PEFT on the HF MoE model (in the test process: no Megatron): logits and warnings."""
     hf = hf_moe.build_hf_model(hf_moe.hf_config(model_type))
     return peft_reference.peft_logits(adapter_dir, hf)
+
+
+def deepseek_v3_round_trip(out_dir: str) -> dict:
+    """An MLA MoE GPT as DeepSeek-V3 lays it out (layer 0 dense, layer 1 routed experts beside a
+    shared expert), LoRA on every MLA linear and every MLP (non-zero B): exported under
+    DeepSeek-V3's names, imported into the same model without LoRA. The exported module names,
+    both models' logits and full adapters by checkpoint name."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_lora import export_peft_adapter, import_peft_adapter, lora_spec
+    from support import tiny_mla
+
+    config = tiny_mla.transformer_config(
+        num_moe_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_layer_freq=[0, 1],
+        moe_shared_expert_intermediate_size=32, moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.0)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    for layer in block.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = tiny_mla.SDPACoreAttention
+    lora = LoRAConfig(r=4, alpha=8, target_modules=[*tiny_mla.TARGETS, "linear_fc1",
+                                                     "linear_fc2"])
+    model = tiny_mla.build(lora_spec(block, lora), config=config)
+    lora_helpers.set_nonzero_B(model, seed=0, scale=0.3)
+    export_peft_adapter(model, out_dir, architecture="DeepseekV3ForCausalLM")
+    plain = tiny_mla.build(block, config=config)
+    import_peft_adapter(plain, out_dir)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, -1)
+    return {"modules": sorted(peft_reference.read_peft_folder(out_dir)[1]),
+            "logits": [m(tokens, positions, None).detach() for m in (model, plain)],
+            "adapters": [moe_cases.adapter_full_tensors(m) for m in (model, plain)]}

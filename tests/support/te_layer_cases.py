@@ -336,4 +336,49 @@ def all_layer_cases():
                 rms, config(layernorm_zero_centered_gamma=True)),
             "fp8": fp8_layernorm_column_linear(rms),
         }
+    results["context_parallel_attention"] = context_parallel_attention()
     return results
+
+
+# ----- context parallelism: the emulated attention over a CP group ---------------------------
+
+def _zigzag(full: torch.Tensor, starts: list[int], rank: int, cp: int) -> torch.Tensor:
+    """This rank's rows of packed sequences (`starts`: their offsets, the last the end) in the
+    CP layout: of each sequence's `2 cp` chunks, chunks `rank` and `2 cp - 1 - rank`."""
+    rows = []
+    for start, end in zip(starts[:-1], starts[1:], strict=True):
+        chunk = (end - start) // (2 * cp)
+        for index in (rank, 2 * cp - 1 - rank):
+            rows.append(full[start + index * chunk:start + (index + 1) * chunk])
+    return torch.cat(rows)
+
+
+def context_parallel_attention() -> dict:
+    """TE's DotProductAttention (emulated) on packed sequences (THD, causal, GQA), once whole on
+    every rank and once over a CP group of both ranks in the zigzag layout: outputs and the
+    grads of q, k and v, this rank's rows of the whole run beside the CP run's."""
+    import torch.distributed as dist
+    from transformer_engine.pytorch import DotProductAttention
+
+    heads, groups, dim, cp = 4, 2, 8, dist.get_world_size()
+    padded = torch.tensor([0, 8, 20, 24], dtype=torch.int32)    # where each sequence lies
+    lengths = torch.tensor([0, 7, 19, 23], dtype=torch.int32)   # ... and its tokens (7, 11, 4)
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(24, n, dim, generator=generator) for n in (heads, groups, groups)]
+    weight = torch.randn(24, heads * dim, generator=generator)
+
+    def run(q, k, v, w, cp_group):
+        attention = DotProductAttention(heads, dim, num_gqa_groups=groups, qkv_format="thd",
+                                        attn_mask_type="padding_causal", cp_group=cp_group,
+                                        cp_global_ranks=list(range(cp)), cp_stream=None)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attention(q, k, v, cu_seqlens_q=lengths, cu_seqlens_kv=lengths,
+                        cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded)
+        (out * w).sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    whole = run(*full, weight, None)
+    rank, starts = dist.get_rank(), padded.tolist()
+    mine = [_zigzag(t, starts, rank, cp) for t in (*full, weight)]
+    return {"whole": [_zigzag(t, starts, rank, cp) for t in whole],
+            "cp": run(*mine, dist.group.WORLD)}

@@ -52,12 +52,12 @@ def build_gpt(spec=None, *, seed: int = 0, config=None, **config_overrides):
     )
 
 
-def batch(step: int = 0):
+def batch(step: int = 0, rows: int = BATCH):
     """Deterministic tokens, positions and labels, the same on every rank."""
     generator = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+    tokens = torch.randint(0, VOCAB, (rows, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (rows, SEQ), generator=generator)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(rows, -1)
     return tokens, positions, labels
 
 

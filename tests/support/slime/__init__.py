@@ -7,7 +7,9 @@
 - `runtime`: what a rank does before slime is imported, and the process group slime creates;
 - `actors`: slime's command line, and building / retiring `MegatronTrainRayActor` in-process;
 - `rollout`: the per-rank batch slime's RolloutManager would hand `train`;
-- `tiny_qwen2`: the HF model slime starts from;
+- `tiny_qwen2`, `tiny_qwen3_moe`, `tiny_deepseek_v3`: the HF models slime starts from (the dense
+  layouts', the MoE recipe's, the MLA recipe's), with the Megatron flags that describe them;
+  `hf_checkpoints`: writing and reading their HF folders;
 - `engines`: the rollout side of each weight-sync transport, capturing the HF tensors;
 - `stages`: the stages a test asserts on.
 """

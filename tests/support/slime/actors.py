@@ -10,20 +10,26 @@ and globals, the process group slime created) so the next `init` starts as in a 
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 
 import torch
 
-from support.slime import tiny_qwen2
+
+def model_module(name: str):
+    """The tiny model a layout runs (`tiny_qwen2`, `tiny_qwen3_moe`, `tiny_deepseek_v3` of
+    `support.slime`, or a module named in full, such as `support.engine_model`)."""
+    return importlib.import_module(name if "." in name else f"support.slime.{name}")
 
 
-def command_line(*, hf: str, tp: int, pp: int, bf16: bool, lora: bool, extra=(),
-                 model_args=tiny_qwen2.MEGATRON_MODEL_ARGS) -> list[str]:
-    """slime's `train.py` flags for the tiny Qwen2 (or the model of `model_args`) on 2 CPU ranks,
-    no SGLang."""
+def command_line(*, hf: str, tp: int, pp: int, bf16: bool, lora: bool, model: str = "tiny_qwen2",
+                 recipe=(), extra=()) -> list[str]:
+    """slime's `train.py` flags for a tiny model on 2 CPU ranks, no SGLang; `recipe`: the
+    launch recipe's flags the layout runs (parallel sizes, batching, recompute, ...)."""
+    model = model_module(model)
     argv = [
-        "train.py", "--debug-train-only", *model_args,
+        "train.py", "--debug-train-only", *model.MEGATRON_MODEL_ARGS,
         "--hf-checkpoint", hf, "--make-vocab-size-divisible-by", "16",
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "2",
@@ -42,8 +48,8 @@ def command_line(*, hf: str, tp: int, pp: int, bf16: bool, lora: bool, extra=(),
     if bf16:
         argv.append("--bf16")
     if lora:
-        argv += ["--use-lora", "--lora-r", "4", "--lora-alpha", "8"]
-    return argv + list(extra)
+        argv += ["--use-lora", "--lora-r", "4", "--lora-alpha", "8", *model.LORA_ARGS]
+    return argv + list(recipe) + list(extra)
 
 
 def parse(argv: list[str], arguments_module=None):

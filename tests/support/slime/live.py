@@ -52,7 +52,7 @@ def run_live(work: str, hf: str, url: str) -> dict | None:
 
     ports = runtime.hand_over_process_group(2)
     runtime.cpu_runtime()
-    common = dict(hf=hf, tp=2, pp=1, bf16=False, model_args=engine_model.MEGATRON_MODEL_ARGS)
+    common = dict(hf=hf, tp=2, pp=1, bf16=False, model=engine_model.__name__)
 
     # the base-only torch_dist checkpoint slime starts from (--ref-load)
     args = actors.parse(actors.command_line(lora=False, **common, extra=[

@@ -19,11 +19,11 @@ RESPONSE = 10
 
 def samples(rollout_id: int, args):
     """Token sequences `[prompt; response]` and raw rewards, deterministic per rollout id."""
-    from support.slime import tiny_qwen2
+    from support.slime import hf_checkpoints
 
     generator = torch.Generator().manual_seed(100 + rollout_id)
     count = args.rollout_batch_size * args.n_samples_per_prompt
-    tokens = torch.randint(3, tiny_qwen2.VOCAB, (count, PROMPT + RESPONSE), generator=generator)
+    tokens = torch.randint(3, hf_checkpoints.VOCAB, (count, PROMPT + RESPONSE), generator=generator)
     for group in range(args.rollout_batch_size):  # the samples of a prompt share the prompt
         rows = slice(group * args.n_samples_per_prompt, (group + 1) * args.n_samples_per_prompt)
         tokens[rows, :PROMPT] = tokens[group * args.n_samples_per_prompt, :PROMPT]
@@ -55,7 +55,10 @@ def rollout_batch(args, rollout_id: int, dp_size: int, rollout_log_probs=None):
     if rollout_log_probs is not None:
         data["rollout_log_probs"] = [torch.as_tensor(lp).tolist() for lp in rollout_log_probs]
     data["total_lengths"] = [len(t) for t in tokens]
-    parallel = {"dp_size": dp_size, "cp_size": 1, "vpp_size": 1,
+    from megatron.core import mpu
+
+    parallel = {"dp_size": dp_size, "cp_size": mpu.get_context_parallel_world_size(),
+                "vpp_size": 1,
                 "microbatch_group_size_per_vp_stage": 1}
     partitions, micro_batch_indices, num_microbatches, global_batch_sizes = build_dp_schedule(
         args, parallel, data["total_lengths"], global_batch_size=args.global_batch_size,

@@ -134,6 +134,11 @@ def _megatron_training_on_cpu() -> None:
     # advice; below Blackwell it requires the variable at 1, as slime's launch scripts set it.
     training_utils.get_device_arch_version = _no_cuda_arch
     training_arguments.get_device_arch_version = _no_cuda_arch
+    # ...and, with --moe-grouped-gemm, the compute capability (Ampere or later, for the grouped
+    # GEMM kernels): the experts here are the TE emulation's GroupedLinear, a loop of CPU GEMMs
+    # that needs none. The lowest capability the check accepts; nothing else here reads it
+    # (CUDA graphs and the fused linear cross-entropy, its other readers, are off).
+    torch.cuda.get_device_capability = lambda device=None: (8, 0)
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 
 

@@ -16,6 +16,10 @@ One launch per layout; the stages share its actors:
               adapter`, the colocated and the NCCL updaters' base and adapter loads
   save        `save_model`: Megatron checkpoint plus adapter.safetensors
   resume      a new actor with `--load <save>`
+
+A layout with `"stages": "train"` (a reference other layouts are compared with) stops after
+train. After each rollout every rank's adapters are saved whole, by their global names
+(`adapters-<rollout>.safetensors`), for comparisons across parallel layouts.
 """
 
 from __future__ import annotations
@@ -65,7 +69,29 @@ def _log_probs(actor, args, rollout_id):
 
     data = actor._get_rollout_data(rollout.rollout_batch(args, rollout_id, _dp_size()))
     result = actor.compute_log_prob(get_data_iterator(data), data["num_microbatches"])
-    return [t.detach().clone() for t in result.get("log_probs", [])]
+    return _all_samples(data["partition"], result.get("log_probs", []))
+
+
+def _all_samples(partition, values) -> list:
+    """Every sample's whole response values, in sample order, from each data-parallel rank's
+    own samples (`partition`: their indices) and, under context parallelism, each rank's chunks
+    of them (slime's own gather, as its loss code gathers them); [] where the rank computed none
+    (a pipeline's first stage)."""
+    import torch.distributed as dist
+    from megatron.core import mpu
+    from slime.backends.megatron_utils.cp_utils import all_gather_with_cp
+
+    total = rollout.PROMPT + rollout.RESPONSE
+    values = [all_gather_with_cp(t.detach(), total, rollout.RESPONSE).clone() for t in values]
+    group = mpu.get_data_parallel_group(with_context_parallel=False)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (list(partition), values), group=group)
+    if not values:
+        return []
+    ordered = {}
+    for indices, rank_values in everyone:
+        ordered.update(zip(indices, rank_values, strict=True))
+    return [ordered[i] for i in sorted(ordered)]
 
 
 def _dp_size():
@@ -74,13 +100,21 @@ def _dp_size():
     return mpu.get_data_parallel_world_size(with_context_parallel=False)
 
 
+def _dp_rank():
+    from megatron.core import mpu
+
+    return mpu.get_data_parallel_rank(with_context_parallel=False)
+
+
 def _logits(actor, rollout_id):
     """Full-vocabulary logits of each sample of a rollout: the DDP model's own forward (TP
-    gathered), on the last pipeline stage only (None elsewhere)."""
+    gathered), without pipeline or context parallelism (None there: each rank holds part of the
+    model or of each sequence; slime's `compute_log_prob` is compared instead)."""
     from megatron.core import mpu
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    if mpu.get_pipeline_model_parallel_world_size() > 1:
+    if (mpu.get_pipeline_model_parallel_world_size() > 1
+            or mpu.get_context_parallel_world_size() > 1):
         return None
     model = actor.model[0]
     model.eval()
@@ -90,6 +124,33 @@ def _logits(actor, rollout_id):
     with torch.no_grad():
         out = model(tokens, positions, None)
     return gather_from_tensor_model_parallel_region(out).float()
+
+
+def _what_was_built(actor, args) -> dict:
+    """What the recipe's flags built: each layer's MLP and attention classes and the settings
+    the recipe layouts name."""
+    from megatron.core import mpu
+
+    config = actor.model[0].config
+    model = actor.model[0]
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    layers = model.decoder.layers
+    return {
+        "mlp": [type(layer.mlp).__name__ for layer in layers],
+        "experts": [type(getattr(layer.mlp, "experts", None)).__name__ for layer in layers],
+        "attention": type(layers[0].self_attention).__name__,
+        "dispatcher": config.moe_token_dispatcher_type if config.num_moe_experts else None,
+        "router": (config.moe_router_score_function, config.moe_router_enable_expert_bias)
+        if config.num_moe_experts else None,
+        "shared_experts": config.moe_shared_expert_intermediate_size,
+        "ep": mpu.get_expert_model_parallel_world_size(),
+        "etp": mpu.get_expert_tensor_parallel_world_size(),
+        "cp": mpu.get_context_parallel_world_size(),
+        "sequence_parallel": config.sequence_parallel,
+        "grad_reduce_in_fp32": actor.model[0].ddp_config.grad_reduce_in_fp32,
+        "dynamic_batch_size": args.use_dynamic_batch_size,
+    }
 
 
 def _load_base(actor, args, ckpt, strict, through_slime):
@@ -141,7 +202,8 @@ def _capture_colocated(actor) -> tuple[list[dict], list[str]]:
 
 def _capture_nccl_chunks(actor) -> dict[str, torch.Tensor]:
     """The HF chunks the NCCL sync (UpdateWeightFromDistributed) broadcasts to the engines:
-    its patched loop (merge per shard, TP gather, HF conversion), before the broadcast."""
+    its patched loops (merge per shard, TP gather, HF conversion; experts also gathered over EP),
+    before the broadcast."""
     from megatron.core import mpu
     from slime.backends.megatron_utils.update_weight.update_weight_from_distributed import (
         UpdateWeightFromDistributed,
@@ -153,7 +215,15 @@ def _capture_nccl_chunks(actor) -> dict[str, torch.Tensor]:
     # what connect_rollout_engines decides: the DP=TP=0 rank of each stage sends
     updater._is_pp_src_rank = (mpu.get_data_parallel_rank(with_context_parallel=True) == 0
                                and mpu.get_tensor_model_parallel_rank() == 0)
-    return {name: t.clone() for chunk in updater._iter_non_expert_chunks() for name, t in chunk}
+    return _chunks(updater)
+
+
+def _chunks(updater) -> dict[str, torch.Tensor]:
+    """What `_send_weights` broadcasts: its non-expert pass, then its expert pass."""
+    import itertools
+
+    chunks = itertools.chain(updater._iter_non_expert_chunks(), updater._iter_expert_chunks())
+    return {name: t.clone() for chunk in chunks for name, t in chunk}
 
 
 def _adapter_mode(actor):
@@ -181,9 +251,12 @@ def _capture_adapter_colocated(actor, work) -> dict:
     )
 
     from megatron_lora import export_peft_adapter
+    from megatron_lora.sync.serving_form import peft_form
 
     args = _adapter_mode(actor)
-    export_peft_adapter(actor.model, f"{work}/peft-export")
+    architecture, expand_shared = peft_form(args)
+    export_peft_adapter(actor.model, f"{work}/peft-export", architecture=architecture,
+                        expand_shared=expand_shared)
     updater = UpdateWeightFromTensor(args, actor.model,
                                      weights_getter=actor.weight_updater.weights_getter,
                                      model_name=actor.weight_updater.model_name,
@@ -194,7 +267,7 @@ def _capture_adapter_colocated(actor, work) -> dict:
     live = [p for chunk in actor.model for p in chunk.parameters()]
     kept = [p.detach().clone() for p in live]
     backup = actor.weights_backuper.get("actor")
-    b_names = [n for n in backup if n.endswith("lora_B.weight")]
+    b_names = [n for n in backup if ".lora_B.weight" in n]  # grouped experts: weight<e>
     try:
         with torch.no_grad():
             for param in live:
@@ -237,7 +310,7 @@ def _capture_adapter_distributed(actor) -> dict:
         updater._is_pp_src_rank = (mpu.get_data_parallel_rank(with_context_parallel=True) == 0
                                    and mpu.get_tensor_model_parallel_rank() == 0)
         updater._group_name = "slime-pp_test"
-        base = {name: t.clone() for chunk in updater._iter_non_expert_chunks() for name, t in chunk}
+        base = _chunks(updater)
         engine = engines.DistributedEngine()
         updater.rollout_engines = [engine]
         updater.lora_sync.connect([engine])
@@ -306,13 +379,17 @@ def _fp32(args) -> None:
 def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> dict:
     import torch.distributed as dist
 
+    from megatron_lora import save_lora_checkpoint
+
     ports = runtime.hand_over_process_group(3)
     runtime.cpu_runtime()
     import megatron.core
 
     out = {"megatron_core_file": megatron.core.__file__}
+    every_stage = layout.get("stages") != "train"
     tp, pp, bf16 = layout["tp"], layout["pp"], layout["bf16"]
-    common = dict(hf=hf, tp=tp, pp=pp, bf16=bf16)
+    common = dict(hf=hf, tp=tp, pp=pp, bf16=bf16, model=layout.get("model", "tiny_qwen2"),
+                  recipe=layout.get("recipe", ()))
     lora_run = ["--ref-load", f"{work}/base", "--save", f"{work}/run", "--save-interval", "1",
                 "--use-kl-loss", "--kl-loss-coef", "0.01", "--colocate", "--no-offload-train",
                 "--rollout-num-gpus-per-engine", "2", "--save-hf", f"{work}/hf-{{rollout_id}}",
@@ -335,7 +412,7 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
     actor.save_model(0)
     # the control for the strictness stage: the same loads into this plain model
     out["strictness_plain"] = {strict: _load_base(actor, args, f"{work}/base", strict, True)
-                               for strict in STRICTNESS}
+                               for strict in STRICTNESS if every_stage}
     actors.retire(actor)
 
     # ----- flags --------------------------------------------------------------------------
@@ -352,6 +429,7 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
     config = actor.model[0].config
     out["recompute"] = (config.recompute_granularity, config.recompute_method,
                         config.recompute_num_layers)
+    out["built"] = _what_was_built(actor, args)
     params = _params(actor.model)
     base, lora = _split(params)
     out["init"] = {
@@ -367,7 +445,7 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
 
     # ----- strictness: the base-only start, every --dist-ckpt-strictness ------------------
     out["strictness"] = {}
-    for strict in STRICTNESS:
+    for strict in STRICTNESS if every_stage else ():
         for through_slime in (True, False):
             outcome = _load_base(actor, args, f"{work}/base", strict, through_slime)
             out["strictness"][(strict, through_slime)] = (outcome, _equal(_params(actor.model),
@@ -379,10 +457,17 @@ def run_layout(work: str, hf: str, unpatched_arguments: str, layout: dict) -> di
         refs = rollout.rollout_batch(args, rollout_id, _dp_size(),
                                      rollout_log_probs=out["base_log_probs"][rollout_id] or None)
         actor.train(rollout_id, refs)
-        data = refs[0].inner.value  # the batch slime's train_actor filled in
-        out["train"].append({"ref_log_probs": [t.clone() for t in data.get("ref_log_probs", [])],
+        data = refs[_dp_rank()].inner.value  # the batch slime's train_actor filled in
+        # every adapter, whole, by its global name (experts by global index): what layouts
+        # with other parallel sizes compare
+        save_lora_checkpoint(actor.model, f"{work}/adapters-{rollout_id}.safetensors")
+        out["train"].append({"ref_log_probs": _all_samples(data["partition"],
+                                                           data.get("ref_log_probs", [])),
                              "params": _split(_params(actor.model))})
     trained = _params(actor.model)
+    if not every_stage:  # a reference layout: its trained adapters only
+        actors.retire(actor)
+        return out
 
     # ----- sync: every transport ----------------------------------------------------------
     sync = out["sync"] = {}

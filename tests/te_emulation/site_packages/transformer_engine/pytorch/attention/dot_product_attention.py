@@ -10,7 +10,12 @@ aligned), "causal_bottom_right", "padding", "padding_causal", "arbitrary" (`atte
 sequence parallel (as in TE). THD (packed sequences, `cu_seqlens_q/kv` and their `_padded`
 offsets, as Megatron's `PackedSeqParams` passes them): each sequence attends within itself,
 causally for the causal mask types; tokens in the padding between sequences give zeros, as TE's
-zero-filled output. Not emulated: sliding windows, context parallelism, FP8 attention,
+zero-filled output. Context parallelism with THD (TE's `cp_group`, any `cp_comm_type`: they
+differ in how K/V travel, not in what is computed): each rank holds, of every sequence of
+`cu_seqlens` (the full sequences' offsets), the chunks `r` and `2 cp - 1 - r` of `2 cp` equal
+ones (the zigzag layout Megatron and slime split sequences in); its queries attend to the whole
+sequence's keys, gathered over the CP group (backward: each rank's key/value grads summed back to
+it). Not emulated: sliding windows, context parallelism with sbhd/bshd, FP8 attention,
 non-vanilla softmax, returning the max logit.
 """
 
@@ -21,9 +26,56 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from ..distributed import get_distributed_world_size
 from ..module.base import TransformerEngineBaseModule
+
+
+class _GatherOverCP(torch.autograd.Function):
+    """[t, ...] of every CP rank, concatenated in rank order; backward: the sum over the ranks of
+    the grad of this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, tensor.contiguous(), group=group)
+        ctx.group, ctx.rows = group, tensor.shape[0]
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start:start + ctx.rows], None
+
+
+def _thd_positions(cu, cu_padded, total: int, cp_rank: int = 0, cp_size: int = 1):
+    """(sequence index, position in the sequence, valid) of each token of a rank's packed
+    tokens: `cu` the sequences' (full) lengths, `cu_padded` where they start in the full layout;
+    under CP a rank holds `1 / cp` of each sequence, its chunks `cp_rank` and
+    `2 cp - 1 - cp_rank`."""
+    starts = (cu if cu_padded is None else cu_padded).tolist()
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    seq = torch.full((total,), -1, dtype=torch.long)
+    pos = torch.zeros(total, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        padded = starts[i + 1] - starts[i]
+        if cp_size > 1 and padded % (2 * cp_size):
+            raise NotImplementedError(f"sequence {i} of {padded} tokens does not split into "
+                                      f"{2 * cp_size} chunks")
+        if cp_size == 1:
+            where = torch.arange(padded)
+        else:
+            chunk = padded // (2 * cp_size)
+            second = 2 * cp_size - 1 - cp_rank
+            where = torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
+                               torch.arange(second * chunk, (second + 1) * chunk)])
+        local = slice(starts[i] // cp_size, (starts[i] + padded) // cp_size)
+        seq[local] = torch.where(where < length, i, -1)
+        pos[local] = where
+    return seq, pos, seq >= 0
 
 
 def _causal_mask(sq: int, sk: int, bottom_right: bool, device) -> torch.Tensor:
@@ -59,8 +111,7 @@ class DotProductAttention(TransformerEngineBaseModule):
         return_max_logit: bool | None = False,
     ) -> None:
         super().__init__()
-        if cp_group is not None and get_distributed_world_size(cp_group) > 1:
-            raise NotImplementedError("context parallelism is not emulated")
+        self.set_context_parallel_group(cp_group, cp_global_ranks, cp_stream, cp_comm_type)
         if softmax_type != "vanilla" or return_max_logit:
             raise NotImplementedError("only vanilla softmax is emulated")
         self.qkv_format = qkv_format
@@ -92,6 +143,16 @@ class DotProductAttention(TransformerEngineBaseModule):
             self.attention_dropout_ctx = nullcontext
         else:
             self.attention_dropout_ctx = get_rng_state_tracker().fork
+
+    def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream,
+                                   cp_comm_type: str = "p2p") -> None:
+        """TE's: the CP group (None: no context parallelism)."""
+        if cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
+            raise NotImplementedError(f"cp_comm_type {cp_comm_type!r}")
+        if isinstance(cp_group, list):  # a2a+p2p: [a2a group, p2p group]
+            raise NotImplementedError("hierarchical context parallelism is not emulated")
+        self.cp_group = cp_group
+        self.cp_size = 1 if cp_group is None else get_distributed_world_size(cp_group)
 
     @staticmethod
     def _check_window(window_size) -> None:
@@ -133,6 +194,8 @@ class DotProductAttention(TransformerEngineBaseModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         mask_type = mask_type.replace(",", "_")
         self._check_window(window_size)
+        if self.cp_size > 1 and qkv_format != "thd":
+            raise NotImplementedError("context parallelism is emulated with the thd format only")
         if qkv_format == "thd":
             if core_attention_bias_type != "no_bias":
                 raise NotImplementedError("attention bias with thd is not emulated")
@@ -173,19 +236,16 @@ class DotProductAttention(TransformerEngineBaseModule):
         if mask_type not in ("padding", "padding_causal", "causal", "no_mask"):
             raise NotImplementedError(f"{mask_type} with thd is not emulated")
 
-        def positions(cu, cu_padded, total):
-            """(sequence index, position in the sequence, valid) of each packed token."""
-            starts = (cu if cu_padded is None else cu_padded).tolist()
-            lengths = (cu[1:] - cu[:-1]).tolist()
-            seq = torch.full((total,), -1, dtype=torch.long)
-            pos = torch.zeros(total, dtype=torch.long)
-            for i, (start, length) in enumerate(zip(starts[:-1], lengths, strict=True)):
-                seq[start:start + length] = i
-                pos[start:start + length] = torch.arange(length)
-            return seq, pos, seq >= 0
-
-        q_seq, q_pos, q_valid = positions(cu_q, cu_q_padded, query.shape[0])
-        k_seq, k_pos, k_valid = positions(cu_kv, cu_kv_padded, key.shape[0])
+        q_seq, q_pos, q_valid = self._positions(cu_q, cu_q_padded, query.shape[0])
+        if self.cp_size > 1:  # every rank's keys and values: the whole of each sequence
+            key = _GatherOverCP.apply(key, self.cp_group)
+            value = _GatherOverCP.apply(value, self.cp_group)
+            rows = key.shape[0] // self.cp_size
+            k_seq, k_pos, k_valid = (torch.cat(parts) for parts in zip(*(
+                _thd_positions(cu_kv, cu_kv_padded, rows, rank, self.cp_size)
+                for rank in range(self.cp_size)), strict=True))
+        else:
+            k_seq, k_pos, k_valid = self._positions(cu_kv, cu_kv_padded, key.shape[0])
         allowed = (q_seq[:, None] == k_seq[None, :]) & q_valid[:, None] & k_valid[None, :]
         if "causal" in mask_type:
             allowed &= k_pos[None, :] <= q_pos[:, None]
@@ -202,6 +262,10 @@ class DotProductAttention(TransformerEngineBaseModule):
                 probs = torch.nn.functional.dropout(probs, p=self.attention_dropout)
         out = torch.matmul(probs, v).permute(1, 0, 2)  # [t, h, d]
         return out.reshape(out.shape[0], -1)
+
+    def _positions(self, cu, cu_padded, total):
+        rank = 0 if self.cp_size == 1 else dist.get_rank(self.cp_group)
+        return _thd_positions(cu, cu_padded, total, rank, self.cp_size)
 
     @staticmethod
     def _mask(mask_type: str, attention_mask, sq: int, sk: int, device):
