@@ -41,7 +41,8 @@ def sync(monkeypatch):
     from megatron_lora import AdapterSync
     from megatron_lora.sync import peft_tensors
 
-    monkeypatch.setattr(peft_tensors, "gather_peft_adapter", lambda tensors, model: ADAPTER)
+    monkeypatch.setattr(peft_tensors, "gather_peft_adapter",
+                        lambda tensors, model, **form: ADAPTER)
 
     def make(client):
         sync = AdapterSync(SimpleNamespace(use_lora=True, lora_sync="adapter"), model=None,
