@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,13 @@ class LoRAConfig:
             raise ValueError("LoRAConfig.module_targets: resolve_targets first")
         return target_names.module_targets(self.target_modules, self.canonical)
 
+    def differences(self, other: LoRAConfig) -> list[str]:
+        """`field: self's value -> other's` for every field where `other` differs (for errors
+        that name what differs, not only that something does)."""
+        return [f"{f.name}: {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; `from_dict` inverts it."""
         out = dataclasses.asdict(self)
@@ -178,21 +186,36 @@ class LoRAConfig:
     def from_args(cls, args: Any) -> LoRAConfig:
         """Read the `--lora-*` flags (see `add_lora_arguments`) from an argparse namespace, or
         the same names set by a YAML file (slime's `--custom-config-path`). Absent names keep
-        their defaults. `--lora-seed` falls back to Megatron's `--seed`."""
+        their defaults. `--lora-seed` falls back to Megatron's `--seed`. A value the config
+        refuses (a YAML file's `lora_r: "16"`) is a `ValueError` naming its flag."""
         default = cls()
+        flags = dict(_FLAGS)
         seed = getattr(args, "lora_seed", None)
         if seed is None:
-            seed = getattr(args, "seed", default.seed)
-        return cls(
-            r=getattr(args, "lora_r", default.r),
-            alpha=getattr(args, "lora_alpha", default.alpha),
-            dropout=getattr(args, "lora_dropout", default.dropout),
-            target_modules=getattr(args, "lora_target_modules", default.target_modules),
-            exclude_modules=getattr(args, "lora_exclude_modules", None) or (),
-            use_rslora=getattr(args, "lora_rslora", default.use_rslora),
-            init=getattr(args, "lora_init", default.init),
-            only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
-            seed=seed,
-            expert_layout=getattr(args, "lora_expert_layout", default.expert_layout),
-            canonical=getattr(args, "lora_canonical", default.canonical),
-        )
+            seed, flags["seed"] = getattr(args, "seed", default.seed), "--seed"
+        try:
+            return cls(
+                r=getattr(args, "lora_r", default.r),
+                alpha=getattr(args, "lora_alpha", default.alpha),
+                dropout=getattr(args, "lora_dropout", default.dropout),
+                target_modules=getattr(args, "lora_target_modules", default.target_modules),
+                exclude_modules=getattr(args, "lora_exclude_modules", None) or (),
+                use_rslora=getattr(args, "lora_rslora", default.use_rslora),
+                init=getattr(args, "lora_init", default.init),
+                only_trainable=getattr(args, "lora_only_trainable", default.only_trainable),
+                seed=seed,
+                expert_layout=getattr(args, "lora_expert_layout", default.expert_layout),
+                canonical=getattr(args, "lora_canonical", default.canonical),
+            )
+        except ValueError as error:  # every field's message starts `LoRAConfig.<field>`
+            field = re.match(r"LoRAConfig\.(\w+)", str(error))
+            flag = flags.get(field.group(1)) if field else None
+            raise ValueError(f"{flag or '--lora-* flags'}: {error}") from None
+
+
+# The flag (`add_lora_arguments`) each field is read from, for errors.
+_FLAGS = {"r": "--lora-r", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+          "target_modules": "--lora-target-modules", "exclude_modules": "--lora-exclude-modules",
+          "use_rslora": "--lora-rslora", "init": "--lora-init",
+          "only_trainable": "--lora-only-trainable", "seed": "--lora-seed",
+          "expert_layout": "--lora-expert-layout", "canonical": "--lora-canonical"}

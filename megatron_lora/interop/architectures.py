@@ -31,6 +31,7 @@ class Architecture:
     qk_norm: bool    # RMSNorm over each head's q and k, before RoPE
     attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
     moe: ExpertNames | None = None  # routed experts (MoE architectures), no shared experts
+    dense_mlp: bool = True  # layers with a dense MLP (`mlp.gate_proj`); Mixtral's are all MoE
 
 
 QWEN3_MOE_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
@@ -47,7 +48,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
                      moe=QWEN3_MOE_EXPERTS),
         Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
-                     moe=MIXTRAL_EXPERTS),
+                     moe=MIXTRAL_EXPERTS, dense_mlp=False),
         # Dense layers; routed experts are not mapped (their HF and Megatron names differ).
         Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
                      attention="mla"),

@@ -30,6 +30,7 @@ import torch
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import is_lora_parameter
+from lora_common.targets import PROJECTION_TARGETS
 from megatron_lora.interop import hf_mapping, sglang
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,13 @@ def check_lora_sync_args(args) -> None:
         problems.append("--use-lora is off (there is no adapter to sync)")
     config = LoRAConfig.from_args(args)
     targets = config.target_modules or MEGATRON_TARGET_MODULES
-    unmapped = [t for t in targets if t not in hf_mapping.TARGETS]
+    # canonical projections (linear_q, ...) are HF modules of their own (q_proj, ...)
+    known = (*hf_mapping.TARGETS, *PROJECTION_TARGETS)
+    unmapped = [t for t in targets if t not in known]
     if unmapped:
         problems.append(f"--lora-target-modules {unmapped} have no HF PEFT names "
-                        f"(the adapter sync knows {', '.join(hf_mapping.TARGETS)})")
-    hf_targets = hf_mapping.hf_target_modules([t for t in targets if t in hf_mapping.TARGETS])
+                        f"(the adapter sync knows {', '.join(known)})")
+    hf_targets = hf_mapping.hf_target_modules([t for t in targets if t in known])
     experts = getattr(args, "num_experts", None)
     if experts:
         # The package's producer carries expert adapters (gather_peft_adapter), but slime's
