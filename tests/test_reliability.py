@@ -581,6 +581,8 @@ def test_the_adapter_producer_names_the_tensor_it_refuses(producer_seen):
                         ("meta", rf"{key} is a meta tensor")):
         assert s[case].error == "ValueError", s[case]
         assert_raised(s[case], rf"full_adapter_tensors: {match}")
+    assert_raised(s["merged_integer"], rf"merged_weights: {key[1:-1]} is a Tensor of dtype "
+                                       rf"torch.int32; adapter matrices are floating-point")
     assert s["pairs"].error == "TypeError"
     assert_raised(s["pairs"], "tensors must be a mapping of names to tensors")
     assert_same(s["good_after"], s["good_before"], "the trainer's tensors")

@@ -103,10 +103,10 @@ def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
 
 def header_problems(checkpoint: AdapterCheckpoint) -> list[str]:
     """Every way the tensors disagree with the header's config and geometry: a name that is no
-    adapter, a layer or expert the geometry lacks, a matrix of another rank or of another width
-    than the geometry's linear, a module with only one of its matrices, and the routed experts
-    of a layer other than all of the geometry's (or one matrix they share). What an export
-    writes and `inspect` reports is then what the file holds."""
+    adapter, a layer or expert the geometry lacks, a matrix that is not floating point, of
+    another rank or of another width than the geometry's linear, a module with only one of its
+    matrices, and the routed experts of a layer other than all of the geometry's (or one matrix
+    they share). What an export writes and `inspect` reports is then what the file holds."""
     geometry, r = checkpoint.geometry, checkpoint.config.r
     keys, problems = {}, []
     for name in sorted(checkpoint.tensors):
@@ -132,6 +132,9 @@ def header_problems(checkpoint: AdapterCheckpoint) -> list[str]:
         if key.projection is not None:  # canonical: the projection's own rows
             width = (width[0], _projection_rows(key.target, key.projection, geometry))
         expected = (r, width[0]) if key.matrix == "A" else (width[1], r)
+        if not tensor.is_floating_point():
+            problems.append(f"{name} has dtype {tensor.dtype}; adapter matrices are floating "
+                            f"point")
         if tensor.dim() != 2 or any(e is not None and e != n
                                     for e, n in zip(expected, tensor.shape, strict=True)):
             wanted = ["?" if e is None else e for e in expected]

@@ -237,7 +237,7 @@ def export_cases(tmp: str) -> dict:
 def producer_cases() -> dict:
     """`gather_peft_adapter` over mappings a trainer could hand it by mistake: an integer
     adapter, a numpy one, a meta one, a list of pairs instead of a mapping; the mapping is
-    left as it was."""
+    left as it was. `merged_weights` over an integer adapter."""
     import megatron_lora as ml
 
     model = lora_gpt()
@@ -251,6 +251,10 @@ def producer_cases() -> dict:
         tensors = {**good, key: value}
         seen[case] = outcome(Exception, ml.gather_peft_adapter, tensors, model)
     seen["pairs"] = outcome(Exception, ml.gather_peft_adapter, list(good.items()), model)
+    # the merged stream reads the same mappings
+    whole = {f"module.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    seen["merged_integer"] = outcome(Exception, ml.merged_weights,
+                                     {**whole, key: bad["integer"]}, model)
     seen["good_after"] = good
     seen["good_before"] = {f"module.{n}": p.detach().clone()
                            for n, p in ml.get_lora_parameters(model).items()}
