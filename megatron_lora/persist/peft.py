@@ -32,6 +32,7 @@ from megatron_lora.interop.peft_import_canonical import peft_adapter_per_project
 from megatron_lora.modules import lora_modules, model_config
 from megatron_lora.persist.adapter_checkpoint import load_adapter
 from megatron_lora.sync.adapter_tensors import adapter_state
+from megatron_lora.sync.gather import raise_on_every_rank
 from megatron_lora.sync.peft_tensors import gather_peft_adapter
 
 
@@ -151,9 +152,12 @@ def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None =
         if not existing or any(module.lora_config != config for module in existing):
             for module in existing:  # another rank or target set: rebuild the adapters
                 module.remove_lora()
+            refusal = None
             try:
                 apply_lora_to_megatron_model(model, config)
             except (ValueError, TypeError) as error:  # say which verb refused
-                raise type(error)(f"import_peft_adapter({source}): {error}") from error
+                refusal = type(error)(f"import_peft_adapter({source}): {error}")
+            # a pipeline stage may refuse alone; every rank refuses before the load's gathers
+            raise_on_every_rank(refusal)
         load_adapter(model, AdapterCheckpoint(tensors, config, geometry), source)
     return config
