@@ -304,9 +304,15 @@ def _check_lora_spec(args: argparse.Namespace, lora: LoRAConfig) -> None:
     """Build, in this process, the LoRA spec the ranks will build (`--spec megatron_lora
     get_gpt_lora_spec`): a target that matches no linear, an exclusion that matches no adapted
     module or layer, a `--lora-base-spec` that does not resolve are refused here."""
+    import logging
+
     from lora_common import MEGATRON_TARGET_MODULES
 
-    with warnings.catch_warnings():  # megatron-core's import notes (no Apex, ...): not errors
+    # megatron-core's import notes are not errors: its warnings (no Apex, ...), and the log line
+    # of a CUDA build of torch on a machine without CUDA, which its import of
+    # torch.utils.cpp_extension writes to stderr; a refusal stays the one line on stderr
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron_lora.adapt.gpt_spec import get_gpt_lora_spec
         from megatron_lora.adapt.placement import check_exclusions
