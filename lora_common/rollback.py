@@ -40,12 +40,7 @@ def _contents(value):
 
 def _refill(container, contents) -> None:
     container.clear()
-    if isinstance(container, dict):
-        container.update(contents)
-    elif isinstance(container, list):
-        container.extend(contents)
-    else:
-        container.update(contents)
+    (container.extend if isinstance(container, list) else container.update)(contents)
 
 
 @contextlib.contextmanager

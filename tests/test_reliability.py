@@ -403,6 +403,28 @@ def test_a_refused_peft_import_leaves_every_parameter_and_flag_as_it_was(import_
                        r"\['linear_q_proj'\] match no module of the model")
 
 
+def test_restored_on_error_puts_back_classes_attributes_hooks_flags_and_adapters():
+    from lora_common.rollback import restored_on_error
+
+    class Swapped(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model[0].lora_A = torch.nn.Linear(4, 2, bias=False)
+    adapter, weight = model[0].lora_A.weight.detach().clone(), model[0].weight
+    with pytest.raises(RuntimeError, match="midway"), restored_on_error(model):
+        model[0].__class__ = Swapped
+        model[0].lora_B = torch.nn.Linear(2, 4, bias=False)
+        model[0].weight.requires_grad_(False)
+        with torch.no_grad():
+            model[0].lora_A.weight.zero_()
+        model.register_forward_pre_hook(lambda module, args: None)
+        raise RuntimeError("midway")
+    assert type(model[0]) is torch.nn.Linear and not hasattr(model[0], "lora_B")
+    assert model[0].weight is weight and weight.requires_grad and not model._forward_pre_hooks
+    assert_same(model[0].lora_A.weight.detach(), adapter, "the adapter's values")
+
+
 def test_mla_o_proj_of_another_width_than_hidden_imports_exactly(import_seen):
     """MLA's linear_proj reads heads x v_head_dim (96 here), not the hidden size (64): both
     imports take PEFT's shapes and give back the exported adapter."""
