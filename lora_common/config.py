@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,13 @@ class LoRAConfig:
             raise ValueError("LoRAConfig.module_targets: resolve_targets first")
         return target_names.module_targets(self.target_modules, self.canonical)
 
+    def differences(self, other: LoRAConfig) -> list[str]:
+        """`field: self's value -> other's` for every field where `other` differs (for errors
+        that name what differs, not only that something does)."""
+        return [f"{f.name}: {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; `from_dict` inverts it."""
         out = dataclasses.asdict(self)
@@ -180,26 +188,41 @@ class LoRAConfig:
         the same names set by a YAML file (slime's `--custom-config-path`). Absent names keep
         their defaults. `--lora-seed` falls back to Megatron's `--seed`. Where the parser's own
         definition of a flag was reused under another name (`lora_rank` for our `lora_r`),
-        the value is read from there."""
+        the value is read from there. A value the config refuses (a YAML file's
+        `lora_r: "16"`) is a `ValueError` naming its flag."""
         default = cls()
         dests = getattr(args, "lora_flag_dests", None) or {}
 
         def flag(name, fallback):
             return getattr(args, dests.get(name, name), fallback)
 
+        names = {field: "--" + dests.get(arg, arg).replace("_", "-")
+                 for field, arg in _ARGS.items()}
         seed = flag("lora_seed", None)
         if seed is None:
-            seed = getattr(args, "seed", default.seed)
-        return cls(
-            r=flag("lora_r", default.r),
-            alpha=flag("lora_alpha", default.alpha),
-            dropout=flag("lora_dropout", default.dropout),
-            target_modules=flag("lora_target_modules", default.target_modules),
-            exclude_modules=flag("lora_exclude_modules", None) or (),
-            use_rslora=flag("lora_rslora", default.use_rslora),
-            init=flag("lora_init", default.init),
-            only_trainable=flag("lora_only_trainable", default.only_trainable),
-            seed=seed,
-            expert_layout=flag("lora_expert_layout", default.expert_layout),
-            canonical=flag("lora_canonical", default.canonical),
-        )
+            seed, names["seed"] = getattr(args, "seed", default.seed), "--seed"
+        try:
+            return cls(
+                r=flag("lora_r", default.r),
+                alpha=flag("lora_alpha", default.alpha),
+                dropout=flag("lora_dropout", default.dropout),
+                target_modules=flag("lora_target_modules", default.target_modules),
+                exclude_modules=flag("lora_exclude_modules", None) or (),
+                use_rslora=flag("lora_rslora", default.use_rslora),
+                init=flag("lora_init", default.init),
+                only_trainable=flag("lora_only_trainable", default.only_trainable),
+                seed=seed,
+                expert_layout=flag("lora_expert_layout", default.expert_layout),
+                canonical=flag("lora_canonical", default.canonical),
+            )
+        except ValueError as error:  # every field's message starts `LoRAConfig.<field>`
+            field = re.match(r"LoRAConfig\.(\w+)", str(error))
+            name = names.get(field.group(1)) if field else None
+            raise ValueError(f"{name or '--lora-* flags'}: {error}") from None
+
+
+# The argument (`add_lora_arguments`) each field is read from, for errors.
+_ARGS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+         "target_modules": "lora_target_modules", "exclude_modules": "lora_exclude_modules",
+         "use_rslora": "lora_rslora", "init": "lora_init", "only_trainable": "lora_only_trainable",
+         "seed": "lora_seed", "expert_layout": "lora_expert_layout", "canonical": "lora_canonical"}

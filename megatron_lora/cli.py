@@ -22,10 +22,10 @@ def _export_peft(args: argparse.Namespace) -> int:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new folder")
     checkpoint = read_lora_checkpoint(args.checkpoint)
-    for note in architecture_warnings(arch, checkpoint.config.target_modules):
-        print(f"megatron-lora export-peft: warning: {note}", file=sys.stderr)
     export_checkpoint(checkpoint, out, base_model_name_or_path=args.base_model,
                       architecture=args.architecture, expand_shared=args.expand_shared_experts)
+    for note in architecture_warnings(arch, checkpoint.config.target_modules):  # once it fits
+        print(f"megatron-lora export-peft: warning: {note}", file=sys.stderr)
     print(f"wrote the PEFT adapter to {args.out}")
     return 0
 
@@ -43,7 +43,6 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         from lora_common.peft_files import read_peft_adapter
 
         adapter = read_peft_adapter(path)
-        first_A = next(iter(adapter.adapters.values()))[0]
         layers = sorted({int(name.split(".layers.")[1].split(".")[0])
                          for name in adapter.adapters if ".layers." in name})
         params = sum(a.numel() + b.numel() for a, b in adapter.adapters.values())
@@ -54,7 +53,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
                 ("adapted modules", str(len(adapter.adapters))),
                 ("parameters", f"{params:,}"),
                 ("layers", f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "?"),
-                ("hidden (A's input of the first module)", str(first_A.shape[1])),
+                _hidden_size(adapter.adapters),
                 ("base model", str(adapter.config.get("base_model_name_or_path")))]
     from megatron_lora.interop.adapter_file import read_lora_checkpoint
 
@@ -68,6 +67,24 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
             ("adapted modules", str(len(checkpoint.tensors) // 2)),
             ("parameters", f"{params:,}"),
             *[(field, str(value)) for field, value in geometry.to_dict().items()]]
+
+
+def _hidden_size(adapters: dict) -> tuple[str, str]:
+    """The hidden size a PEFT folder shows: A's input of a module that reads the hidden state
+    (q_proj, gate_proj, ...; HF leaf names of every known architecture), named; else the input
+    of the first module, named, for it is not the hidden size (down_proj's is the ffn width)."""
+    from megatron_lora.interop import hf_experts, hf_mapping
+    from megatron_lora.interop.architectures import ARCHITECTURES
+
+    leaves = {leaf for target in hf_mapping.HIDDEN_INPUT_TARGETS
+              for leaf in hf_mapping.hf_leaves(target)}
+    leaves |= {leaf for a in ARCHITECTURES.values() if a.moe
+               for leaf in hf_experts.leaves(a.moe, "linear_fc1")}
+    modules = sorted(adapters)
+    module = next((m for m in modules if m.rsplit(".", 1)[-1] in leaves), None)
+    if module is None:
+        return f"A's input of {modules[0]}", str(adapters[modules[0]][0].shape[1])
+    return f"hidden (A's input of {module.rsplit('.', 1)[-1]})", str(adapters[module][0].shape[1])
 
 
 def _inspect(args: argparse.Namespace) -> int:

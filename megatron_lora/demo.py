@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 import warnings
@@ -47,7 +48,7 @@ def _config(args, tp: int):
 
     return TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=max(1, args.heads // 2), ffn_hidden_size=2 * args.hidden,
+        num_query_groups=_query_groups(args.heads), ffn_hidden_size=2 * args.hidden,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
@@ -233,31 +234,102 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+# Megatron-LM seeds numpy with --seed, which takes 0 <= seed < 2**32.
+SEED_RANGE = range(2**32)
+# The held-out batch of each task is step 10,000 of its stream (`_eval`): training stays below.
+MAX_STEPS = 10_000
+
+
 def check_demo_arguments(args: argparse.Namespace) -> None:
-    """Every argument checked before any work or any file is written, each error naming its
-    flag (the CLI prints it as one line)."""
-    for flag in ("steps", "base_steps", "tp", "hidden", "layers", "heads", "vocab", "seq", "batch"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
-                             f"got {getattr(args, flag)}")
-    for flag in ("lr", "base_lr"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
-                             f"got {getattr(args, flag)}")
+    """Every argument checked in the parent, before any rank starts or any file is written,
+    each error naming its flag (the CLI prints it as one line): what the ranks would refuse
+    midway (Megatron's schedule, sequence parallelism, RoPE, canonical LoRA's query groups,
+    targets and exclusions, the base spec) is refused here."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("steps", "base_steps", "tp", "hidden", "layers", "heads", "vocab", "seq", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("steps", "base_steps"):
+        if getattr(args, name) >= MAX_STEPS:
+            raise ValueError(f"{flag(name)} must be below {MAX_STEPS:,} (step {MAX_STEPS:,} of "
+                             f"each task's stream is the held-out batch), "
+                             f"got {getattr(args, name)}")
+    for name in ("lr", "base_lr", "min_lr", "clip_grad", "lr_warmup_fraction"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"{flag(name)} must be a finite number, got {getattr(args, name)}")
+    for name in ("lr", "base_lr"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.min_lr <= min(args.lr, args.base_lr):  # Megatron's scheduler asserts it
+        raise ValueError(f"--min-lr must be in [0, min(--lr, --base-lr)] = "
+                         f"[0, {min(args.lr, args.base_lr):g}], got {args.min_lr:g}")
+    if args.clip_grad < 0:
+        raise ValueError(f"--clip-grad must be >= 0 (0: off), got {args.clip_grad}")
     if not 0 <= args.lr_warmup_fraction < 1:
         raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
-    if args.hidden % args.heads or args.heads % args.tp or args.vocab % args.tp \
-            or (args.tp > 1 and args.seq * args.batch % args.tp):
-        raise ValueError(f"--hidden {args.hidden} must split into --heads {args.heads}, and heads, "
-                         f"--vocab {args.vocab} and the tokens into --tp {args.tp} ranks")
-    try:
-        LoRAConfig.from_args(args)
-    except ValueError as error:  # name the flag, not the field
-        raise ValueError(f"--lora-* flags: {error}") from error
+    for name in ("seed", "lora_seed"):
+        value = getattr(args, name, None)
+        if value is not None and value not in SEED_RANGE:
+            raise ValueError(f"{flag(name)} must be in [0, 2**32) as Megatron's --seed, "
+                             f"got {value}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+    if (args.hidden // args.heads) % 2:
+        raise ValueError(f"--hidden / --heads = {args.hidden // args.heads} is each head's width, "
+                         f"which RoPE needs even")
+    if args.heads % args.tp or args.vocab % args.tp:
+        raise ValueError(f"--heads {args.heads} and --vocab {args.vocab} must split into "
+                         f"--tp {args.tp} ranks")
+    if args.tp > 1 and args.seq % args.tp:
+        raise ValueError(f"--seq {args.seq} must split into --tp {args.tp} ranks (sequence "
+                         f"parallelism splits the sequence)")
+    lora = LoRAConfig.from_args(args)  # its errors name the flag
+    groups = _query_groups(args.heads)
+    if lora.canonical and groups % args.tp:
+        raise ValueError(f"--lora-canonical: the demo's {groups} query group(s) (--heads "
+                         f"{args.heads} / 2) must split into --tp {args.tp} ranks")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the demo writes a folder")
+    _check_lora_spec(args, lora)
 
+
+def _query_groups(heads: int) -> int:
+    return max(1, heads // 2)
+
+
+def _check_lora_spec(args: argparse.Namespace, lora: LoRAConfig) -> None:
+    """Build, in this process, the LoRA spec the ranks will build (`--spec megatron_lora
+    get_gpt_lora_spec`): a target that matches no linear, an exclusion that matches no adapted
+    module or layer, a `--lora-base-spec` that does not resolve are refused here."""
+    import logging
+
+    from lora_common import MEGATRON_TARGET_MODULES
+
+    # megatron-core's import notes are not errors: its warnings (no Apex, ...), and the log line
+    # of a CUDA build of torch on a machine without CUDA, which its import of
+    # torch.utils.cpp_extension writes to stderr; a refusal stays the one line on stderr
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_lora.adapt.gpt_spec import get_gpt_lora_spec
+        from megatron_lora.adapt.placement import check_exclusions
+
+        resolved = lora.resolve_targets(MEGATRON_TARGET_MODULES)
+        try:
+            check_exclusions(resolved, args.layers)
+        except ValueError as error:
+            raise ValueError(f"--lora-exclude-modules: {error}") from None
+        spec_args = argparse.Namespace(**vars(args))
+        spec_args.transformer_impl = "local"
+        try:
+            get_gpt_lora_spec(spec_args, _config(args, args.tp), None)
+        except ValueError as error:
+            if str(error).startswith("--"):  # names its flag already
+                raise
+            raise ValueError(f"--lora-target-modules: {error}") from None
 
 
 def main(args: argparse.Namespace) -> int:

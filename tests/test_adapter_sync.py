@@ -77,6 +77,9 @@ def _errors(model, backup):
         "twice": error_of({**backup, "other." + qkv_B[len(PREFIX):]: backup[qkv_B]}),
         "shape": error_of({**backup, fc2_A: torch.zeros(4, 3)}),
         "no_prefix_ok": outcome(ValueError, gather_peft_adapter, local_names, model),
+        # only rank 1 is handed a bad tensor: both ranks refuse (none waits in a gather)
+        "one_rank": error_of({**backup, fc2_A: backup[fc2_A].to(torch.int32)}
+                             if torch.distributed.get_rank() == 1 else backup),
     }
 
 
@@ -163,3 +166,8 @@ def test_bad_mappings_are_named(cases):
     assert_raised(errors["shape"], re.escape("(4, 3)"))
     # a live model's own names (no prefix) are names like any other
     assert errors["no_prefix_ok"].kind == "returned"
+    fc2_A = re.escape("decoder.layers.1.mlp.linear_fc2.lora_A.weight")
+    assert_raised(cases[1]["tp1"]["errors"]["one_rank"],
+                  rf"^full_adapter_tensors: '.*{fc2_A}' has dtype torch.int32")
+    assert_raised(errors["one_rank"], rf"^rank 1 refused: ValueError: full_adapter_tensors: "
+                                      rf"'.*{fc2_A}' has dtype torch.int32")

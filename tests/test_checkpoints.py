@@ -145,12 +145,24 @@ def adapter_mismatches(tmp):
     good = f"{tmp}/good.safetensors"
     save_lora_checkpoint(lora_model(), good)
     qkv_b = "decoder.layers.0.self_attention.linear_qkv.lora_B.weight"
+    q = "decoder.layers.0.self_attention.linear_qkv.lora_q"
+
+    def wider_ffn(tensors, header):  # a checkpoint of a model with ffn 128, tensors and header
+        header["geometry"].update(ffn_hidden_size=128)
+        for name in list(tensors):
+            if "linear_fc1.lora_B" in name:
+                tensors[name] = torch.zeros(256, 4)
+            elif "linear_fc2.lora_A" in name:
+                tensors[name] = torch.zeros(4, 128)
+
+    # Each variant is a checkpoint whose tensors fit its own header (a file that does not is
+    # refused as it is read: "shape"), made for another model than this one.
     variants = {
         "alpha": lambda t, h: h["lora_config"].update(alpha=16.0),
-        "geometry": lambda t, h: h["geometry"].update(ffn_hidden_size=128),
-        "missing": lambda t, h: t.pop(qkv_b),
-        "extra": lambda t, h: t.update(
-            {"decoder.layers.9.mlp.linear_fc2.lora_A.weight": torch.zeros(4, 96)}),
+        "geometry": wider_ffn,
+        "missing": lambda t, h: (t.pop(qkv_b), t.pop(qkv_b.replace("lora_B", "lora_A"))),
+        "extra": lambda t, h: t.update({f"{q}.lora_A.weight": torch.zeros(4, 64),
+                                        f"{q}.lora_B.weight": torch.zeros(64, 4)}),
         "shape": lambda t, h: t.update({qkv_b: torch.zeros(t[qkv_b].shape[0] - 16, 4)}),
     }
     model = lora_model(lora_seed=9)
@@ -176,9 +188,12 @@ def test_every_adapter_mismatch_is_named_and_leaves_the_model_untouched(tmp_path
     expected = {
         "alpha": "LoRAConfig.alpha is 8.0 in the model, 16.0",
         "geometry": "ffn_hidden_size: 128 vs 96",
-        "missing": "lacks tensor decoder.layers.0.self_attention.linear_qkv.lora_B.weight",
-        "extra": "no adapter for: ['decoder.layers.9.mlp.linear_fc2.lora_A.weight']",
-        "shape": "linear_qkv.lora_B.weight has shape [112, 4], the model needs [128, 4]",
+        "missing": "lacks tensor decoder.layers.0.self_attention.linear_qkv.lora_A.weight, "
+                   "decoder.layers.0.self_attention.linear_qkv.lora_B.weight",
+        "extra": "no adapter for: ['decoder.layers.0.self_attention.linear_qkv.lora_q.lora_A",
+        "shape": "the tensors do not fit the header: decoder.layers.0.self_attention.linear_qkv."
+                 "lora_B.weight has shape [112, 4]; the header's config and geometry give "
+                 "[128, 4]",
         "truncated": "not a readable safetensors file",
         "corrupted": "is corrupted (SHA-256 mismatch)",
     }

@@ -63,6 +63,10 @@ def test_sequential_adapter_checkpoint_loads_into_grouped_experts(interchange):
     ("layout", r"LoRAConfig.expert_layout is 'shared_outer' in the model, 'per_expert' in"),
     ("dist_expert_count", r"tensor decoder.layers.mlp.router.weight has global shape "
                           r"\[2, 4, 64\] in the checkpoint, \[2, 8, 64\] in the model"),
+    # per-expert fc1 A (an expert axis of 4) against shared-outer's one A per layer
+    ("dist_layout", r"tensor decoder.layers.mlp.experts.experts.linear_fc1.lora_A.weight has "
+                    r"global shape \[2, 4, 4, 64\] in the checkpoint, \[2, 4, 64\] in the model "
+                    r"\(an adapter of another rank, expert count or expert layout\)"),
 ])
 def test_checkpoint_that_does_not_fit_is_refused_untouched(interchange, case, message):
     import re

@@ -77,6 +77,41 @@ def test_a_run_that_cannot_work_is_refused_naming_the_flag(argv, sglang_args, cu
     assert "Start SGLang with --sglang-enable-lora --sglang-max-lora-rank" in str(raised.value)
 
 
+@pytest.mark.parametrize("sglang_args, culprit", [
+    ({"sglang_max_lora_rank": "16"}, r"--sglang-max-lora-rank must be an int, got '16' \(str\)"),
+    ({"sglang_dp_size": "1"}, r"--sglang-dp-size must be an int, got '1'"),
+    ({"sglang_lora_target_modules": "q_proj k_proj"},
+     r"--sglang-lora-target-modules must be a list of module names, got 'q_proj k_proj'"),
+])
+def test_flags_of_the_wrong_type_are_named_not_compared(sglang_args, culprit):
+    """As a YAML config passes them: a string where SGLang's flag is an int or a list."""
+    args = slime_args("--use-lora", "--lora-sync", "adapter", **sglang_args)
+    before = dict(vars(args))
+    with pytest.raises(ValueError, match=culprit):
+        check_lora_sync_args(args)
+    assert vars(args) == before
+
+
+def test_a_lora_flag_the_config_refuses_is_named():
+    args = slime_args("--use-lora", "--lora-sync", "adapter")
+    args.lora_r = "16"  # lora_r: "16" in a YAML file
+    with pytest.raises(ValueError, match=r"--lora-r: LoRAConfig.r must be a positive int, "
+                                         r"got '16'"):
+        check_lora_sync_args(args)
+
+
+def test_canonical_projection_targets_sync_under_their_own_peft_names():
+    """gather_peft_adapter writes linear_q / linear_v of a canonical model as q_proj / v_proj
+    (test_canonical.py): SGLang serving those two is all the run needs."""
+    argv = ("--use-lora", "--lora-sync", "adapter", "--lora-canonical",
+            "--lora-target-modules", "linear_q", "linear_v")
+    check_lora_sync_args(slime_args(*argv, sglang_lora_target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"--sglang-lora-target-modules \['o_proj'\] lacks "
+                                         r"\['qkv_proj'\].* --sglang-lora-target-modules q_proj "
+                                         r"v_proj$"):
+        check_lora_sync_args(slime_args(*argv, sglang_lora_target_modules=["o_proj"]))
+
+
 def test_offload_rollout_without_a_cpu_backup_warns_that_the_base_is_resent(caplog):
     with caplog.at_level(logging.WARNING):
         check_lora_sync_args(slime_args("--use-lora", "--lora-sync", "adapter",

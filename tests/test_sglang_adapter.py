@@ -152,7 +152,8 @@ def test_our_engine_calls_fit_sglangs_requests_routes_and_server_args():
 
     bodies = {
         ("load_lora_adapter_from_tensors", "LoadLoRAAdapterFromTensorsReqInput"):
-            sglang.lora_load_request({"r": 4}, "payload"),
+            sglang.lora_load_request({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+                                     "payload"),
         ("unload_lora_adapter", "UnloadLoRAAdapterReqInput"): sglang.lora_unload_request(),
         ("update_weight_version", "UpdateWeightVersionReqInput"):
             sglang.weight_version_request(3),

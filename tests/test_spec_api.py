@@ -57,7 +57,8 @@ def test_lora_spec_is_idempotent_and_rejects_a_second_config():
     once = lora_spec(tiny_gpt.local_spec(), CONFIG)
     twice = lora_spec(once, CONFIG)
     assert linear_classes(once) == linear_classes(twice) and once.module is twice.module
-    with pytest.raises(ValueError, match="already carries LoRA with another config"):
+    with pytest.raises(ValueError, match=r"already carries LoRA of another config \(r: 4 -> 8; "
+                                         r"alpha: 8.0 -> 32.0"):
         lora_spec(once, LoRAConfig(r=8))
 
 
@@ -247,7 +248,9 @@ def test_posthoc_route_bad_input_idempotence_exclusion_and_moe():
                   re.escape("'embedding.word_embeddings' is a VocabParallelEmbedding"))
     assert out["lora_after_errors"] == []  # the refused calls left the model untouched
     assert_same(*out["reapplied"], "state after applying the same config again")
-    assert_raised(out["second_config"], "already carries LoRA with another config")
+    assert_raised(out["second_config"], r"LoRA target 'decoder.layers.0.self_attention."
+                                        r"linear_\w+': .* already carries LoRA of another config "
+                                        r"\(r: 4 -> 8; alpha: 8.0 -> 32.0\)")
     trainable, lora = out["trainable"]
     assert trainable == lora
     spec_names, posthoc_names = out["excluded"]

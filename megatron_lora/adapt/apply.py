@@ -60,7 +60,10 @@ def apply_lora_to_megatron_model(model, args_or_config) -> Any:
                                  f"not a Megatron parallel linear LoRA supports")
             # Raises for a LoRA module of another config, and for a class it cannot make.
             projections = selected_projections(config, name)
-            lora_linear_class(type(module), config, projections)
+            try:
+                lora_linear_class(type(module), config, projections)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"LoRA target {name!r}: {error}") from None
             if not is_lora_linear(module):
                 if projections:
                     projection_layout(module, projections)  # canonical: refuses a geometry

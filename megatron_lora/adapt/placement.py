@@ -160,7 +160,8 @@ def lora_layer_class(base: type, config: LoRAConfig) -> type:
     after building. Idempotent for an already-LoRA class with the same config."""
     if is_lora_layer_class(base):
         if base.lora_config != config:
-            raise ValueError(f"{base.__name__} already carries LoRA with another config")
+            raise ValueError(f"{base.__name__} already carries LoRA of another config "
+                             f"({'; '.join(base.lora_config.differences(config))})")
         return base
     return _lora_layer_class(base, config)
 

@@ -23,6 +23,7 @@ import torch
 
 from lora_common import LoRAConfig
 from lora_common.atomic import atomic_save_safetensors
+from megatron_lora.interop.adapter_keys import EXPERTS, AdapterKey, parse_adapter_key
 from megatron_lora.interop.geometry import Geometry
 
 FORMAT = "megatron-lora-adapter"
@@ -91,7 +92,89 @@ def read_lora_checkpoint(path: str | Path) -> AdapterCheckpoint:
         geometry = Geometry.from_dict(header["geometry"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: header: {error}") from error
-    return AdapterCheckpoint(tensors, config, geometry)
+    checkpoint = AdapterCheckpoint(tensors, config, geometry)
+    problems = header_problems(checkpoint)
+    if problems:
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ValueError(f"{path}: the tensors do not fit the header: "
+                         + "; ".join(problems[:4]) + more)
+    return checkpoint
+
+
+def header_problems(checkpoint: AdapterCheckpoint) -> list[str]:
+    """Every way the tensors disagree with the header's config and geometry: a name that is no
+    adapter, a layer or expert the geometry lacks, a matrix that is not floating point, of
+    another rank or of another width than the geometry's linear, a module with only one of its
+    matrices, and the routed experts of a layer other than all of the geometry's (or one matrix
+    they share). What an export writes and `inspect` reports is then what the file holds."""
+    geometry, r = checkpoint.geometry, checkpoint.config.r
+    keys, problems = {}, []
+    for name in sorted(checkpoint.tensors):
+        try:
+            keys[name] = parse_adapter_key(name)
+        except ValueError as error:
+            problems.append(str(error))
+    # linear_proj's input is heads x kv_channels in standard attention only (MLA's is heads x
+    # v_head_dim, which the geometry does not hold): checked where linear_qkv shows the kind
+    attention = "standard" if any(k.target == "linear_qkv" for k in keys.values()) else "mla"
+    held: dict[AdapterKey, dict[str, set]] = {}  # module -> matrix -> experts holding it
+    for name, key in keys.items():
+        tensor = checkpoint.tensors[name]
+        if key.layer >= geometry.num_layers:
+            problems.append(f"{name} is for layer {key.layer}; the header's geometry has "
+                            f"{geometry.num_layers} layers")
+            continue
+        try:
+            width = geometry.features(key.target, key.kind, attention)
+        except ValueError as error:  # an MLP kind the geometry has no ffn width for
+            problems.append(f"{name}: {error}")
+            continue
+        if key.projection is not None:  # canonical: the projection's own rows
+            width = (width[0], _projection_rows(key.target, key.projection, geometry))
+        expected = (r, width[0]) if key.matrix == "A" else (width[1], r)
+        if not tensor.is_floating_point():
+            problems.append(f"{name} has dtype {tensor.dtype}; adapter matrices are floating "
+                            f"point")
+        if tensor.dim() != 2 or any(e is not None and e != n
+                                    for e, n in zip(expected, tensor.shape, strict=True)):
+            wanted = ["?" if e is None else e for e in expected]
+            problems.append(f"{name} has shape {list(tensor.shape)}; the header's config and "
+                            f"geometry give {wanted}")
+        module = AdapterKey(key.layer, key.kind, key.target, "A", None, key.projection)
+        held.setdefault(module, {}).setdefault(key.matrix, set()).add(key.expert)
+    count = geometry.num_moe_experts
+    for module, matrices in sorted(held.items(), key=lambda item: item[0].name):
+        where = module.name.removesuffix(".lora_A.weight")
+        if set(matrices) != {"A", "B"}:
+            problems.append(f"{where} has only lora_{''.join(matrices)}")
+        for matrix, experts in sorted(matrices.items()):
+            # every expert's, or one matrix the layer's experts share (shared_outer)
+            if module.kind == EXPERTS and experts != {None} and experts != set(range(count or 0)):
+                numbered = sorted(e for e in experts if e is not None)
+                problems.append(f"{where}'s lora_{matrix} is held for experts "
+                                f"{_ranges(numbered)}; the header's geometry has "
+                                f"num_moe_experts={count}")
+    return problems
+
+
+def _projection_rows(target: str, projection: str, geometry: Geometry) -> int:
+    """The rows of one projection of a fused linear (canonical LoRA's B)."""
+    if target == "linear_fc1":
+        return geometry.ffn_hidden_size
+    heads = geometry.num_attention_heads if projection == "q" else geometry.num_query_groups
+    return heads * geometry.kv_channels
+
+
+def _ranges(indices: list[int]) -> str:
+    """`0..3, 5` for [0, 1, 2, 3, 5]."""
+    spans, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            spans.append(str(start) if start == index else f"{start}..{index}")
+            start = None
+    return ", ".join(spans) or "none"
 
 
 def _read_header(metadata: dict, path: Path) -> dict:

@@ -32,6 +32,7 @@ class Architecture:
     attention: str = "standard"  # "mla": multi-latent attention (see the module docstring)
     moe: ExpertNames | None = None  # routed experts (MoE architectures)
     shared_experts: str | None = None  # the shared experts inside an HF layer (a gated MLP)
+    dense_mlp: bool = True  # layers with a dense MLP (`mlp.gate_proj`); Mixtral's are all MoE
 
 
 QWEN3_MOE_EXPERTS = ExpertNames("mlp.experts", "gate_proj", "up_proj", "down_proj",
@@ -51,7 +52,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
                      moe=QWEN3_MOE_EXPERTS),
         Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, qk_norm=False,
-                     moe=MIXTRAL_EXPERTS),
+                     moe=MIXTRAL_EXPERTS, dense_mlp=False),
         # the first_k_dense_replace layers dense, then routed experts beside shared experts
         Architecture("DeepseekV3ForCausalLM", "deepseek_v3", qkv_bias=False, qk_norm=False,
                      attention="mla", moe=DEEPSEEK_V3_EXPERTS,

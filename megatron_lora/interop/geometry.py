@@ -72,6 +72,24 @@ class Geometry:
             raise ValueError(f"Geometry: the model has no MoE {kind.replace('_', ' ')}")
         return size
 
+    def features(self, target: str, kind: str = "dense", attention: str = "standard"
+                 ) -> tuple[int | None, int | None]:
+        """(input, output) width of the full weight of a Megatron target linear of an MLP of
+        `kind` ("dense", "experts", "shared_experts") or of the attention; None where the
+        geometry does not say: MLA's linears, and MLA's `linear_proj` input (heads x
+        v_head_dim)."""
+        if target in ("linear_fc1", "linear_fc2"):
+            ffn = self.ffn_size("dense" if kind == "attention" else kind)
+            if target == "linear_fc2":
+                return ffn, self.hidden_size
+            return self.hidden_size, ffn * (2 if self.gated_linear_unit else 1)
+        if target == "linear_qkv":
+            return self.hidden_size, self.qkv_rows
+        if target == "linear_proj":
+            heads = self.num_attention_heads * self.kv_channels
+            return (None if attention == "mla" else heads), self.hidden_size
+        return None, None
+
     @classmethod
     def from_megatron(cls, config: Any) -> Geometry:
         """From a Megatron `TransformerConfig` (None groups / kv_channels take Megatron's

@@ -110,6 +110,9 @@ _MLA_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear_kv_up_proj": ("self_attention.linear_kv_up_proj", ("self_attn.kv_b_proj",)),
 }
 _STANDARD_ATTENTION = ("linear_qkv",)
+# The targets whose input is the hidden state (a layer's normalized input).
+HIDDEN_INPUT_TARGETS = ("linear_qkv", "linear_fc1", "linear_q_proj", "linear_q_down_proj",
+                        "linear_kv_down_proj")
 TARGETS = tuple(_TARGETS)  # the Megatron targets of Llama-family models that have HF counterparts
 MLA_TARGETS = tuple(_MLA_TARGETS)
 _TARGETS = {**_TARGETS, **_MLA_TARGETS}  # Megatron names are unique across attention kinds

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from lora_common.config import MEGATRON_TARGET_MODULES
 from lora_common.peft_files import adapter_config_dict, write_peft_adapter
+from lora_common.targets import PROJECTIONS
 from megatron_lora.interop import architectures, hf_experts, hf_mapping
 from megatron_lora.interop.adapter_file import AdapterCheckpoint
-from megatron_lora.interop.adapter_keys import EXPERTS, SHARED_EXPERTS, parse_adapter_key
+from megatron_lora.interop.adapter_keys import DENSE, EXPERTS, SHARED_EXPERTS, parse_adapter_key
 
 # vLLM serves adapters of rank <= its --max-lora-rank, which defaults to 16 and must be one of
 # these values (vLLM's LoRAConfig); SGLang has a --max-lora-rank too.
@@ -48,9 +50,13 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
     arch = architectures.architecture(architecture)
     if checkpoint.geometry.num_moe_experts and arch.moe is None:
         hf_experts.require_experts(arch)
+    require_targets_of(arch, checkpoint.config.target_modules or MEGATRON_TARGET_MODULES)
     units: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, tensor in checkpoint.tensors.items():
         k = parse_adapter_key(key)
+        if k.kind == DENSE and not arch.dense_mlp:
+            raise ValueError(f"{arch.name} has no dense MLP (every layer's MLP is MoE): the "
+                             f"adapter of {k.module} has no HF counterpart")
         units.setdefault((k.layer, k.kind, k.target, k.expert, k.projection), {})[k.matrix] = tensor
     adapters, shared = {}, {}
     for (layer, kind, target, expert, projection), matrices in sorted(units.items(),
@@ -90,6 +96,27 @@ def peft_modules(checkpoint: AdapterCheckpoint, architecture: str = "LlamaForCau
             adapters[name] = (None if "A" in common and not expand_shared else A.clone(),
                               None if "B" in common and not expand_shared else part.clone())
     return adapters, shared
+
+
+# Targets of one attention kind only: an adapter on them has no module in the other kind's HF
+# architecture (HF's q_proj is a third of linear_qkv in one, MLA's uncompressed q in the other).
+_ATTENTION_ONLY = {"standard": ("linear_qkv", *PROJECTIONS["linear_qkv"]),
+                   "mla": hf_mapping.MLA_TARGETS}
+
+
+def require_targets_of(arch: architectures.Architecture, targets) -> None:
+    """Refuse target entries of an attention kind `arch` does not have (an MLA adapter exported
+    as Llama would write DeepSeek-V3's names into a Llama adapter, which no engine maps to a
+    module), naming the targets and the architectures that have them."""
+    for kind, only in _ATTENTION_ONLY.items():
+        foreign = sorted(t for t in targets if t.rsplit(".", 1)[-1] in only)
+        if kind == arch.attention or not foreign:
+            continue
+        fitting = [a.name for a in architectures.ARCHITECTURES.values() if a.attention == kind]
+        what = "multi-latent" if kind == "mla" else "standard (fused q/k/v)"
+        raise ValueError(f"the adapter targets {', '.join(foreign)}, linears of {what} "
+                         f"attention, which {arch.name} does not have; name the architecture "
+                         f"of the base model ({', '.join(fitting)})")
 
 
 def _unit_order(item):

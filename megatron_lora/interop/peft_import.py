@@ -42,19 +42,20 @@ def _ffn(kind: str, geometry: Geometry) -> int:
                                                                                        "dense"))
 
 
-def _in_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | None:
+def _in_features(target: str, geometry: Geometry, kind: str = DENSE,
+                 attention: str = "standard") -> int | None:
     """A's input width of a standard-attention or MLP target; None where the geometry does not
-    say (MLA's linears: the adapter's own shapes are used, and the load checks them)."""
-    return {"linear_qkv": geometry.hidden_size, "linear_fc1": geometry.hidden_size,
-            "linear_proj": geometry.num_attention_heads * geometry.kv_channels,
-            "linear_fc2": _ffn(kind, geometry) if target == "linear_fc2" else 0}.get(target)
+    say (MLA's linears, and MLA's linear_proj: the adapter's own shapes are used, and the load
+    checks them against the model)."""
+    return geometry.features(target, _mlp_kind(kind), attention)[0]
 
 
 def _out_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | None:
-    glu = 2 if geometry.gated_linear_unit else 1
-    return {"linear_qkv": geometry.qkv_rows, "linear_proj": geometry.hidden_size,
-            "linear_fc1": _ffn(kind, geometry) * glu if target == "linear_fc1" else 0,
-            "linear_fc2": geometry.hidden_size}.get(target)
+    return geometry.features(target, _mlp_kind(kind))[1]
+
+
+def _mlp_kind(kind: str) -> str:
+    return "experts" if kind == EXPERTS else "dense"
 
 
 def group_by_target(adapter, geometry: Geometry, source: str, attention: str = "standard"
@@ -125,9 +126,12 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str, attention: str =
         unit = (layer, kind, target, expert)
         grouped.setdefault(unit, {})[leaf] = (A, B)
         places[unit] = (modules, leaves)
-    # single-module targets the geometry cannot size (MLA's): the adapter's own shapes
-    observed = {unit[2]: (A.shape[1], B.shape[0]) for unit, parts in grouped.items()
+    # single-module targets the geometry cannot size (MLA's): each unit's own shapes (a layer
+    # the adapter leaves out takes another layer's); the load checks them against the model,
+    # naming the layer whose tensor does not fit
+    observed = {unit: (A.shape[1], B.shape[0]) for unit, parts in grouped.items()
                 for A, B in parts.values()}
+    observed.update({unit[2]: shape for unit, shape in observed.items()})
 
     rank = max(len(parts) for parts in grouped.values()) * r  # e.g. q, k, v present: 3r
     # A dense target the adapter leaves out in some layers (PEFT's layers_to_transform) gets
@@ -147,7 +151,7 @@ def fuse_peft_adapter(adapter, geometry: Geometry, source: str, attention: str =
         layer, kind, target, expert = unit
         modules, leaves = places[unit]
         A, B = _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source,
-                          observed.get(target))
+                          observed.get(unit, observed.get(target)), attention)
         key = AdapterKey(layer, kind, target, "A", expert)
         shared = layout == "shared_outer" and kind == EXPERTS
         a_name = AdapterKey(layer, kind, target, "A", None if shared and target == "linear_fc1"
@@ -184,10 +188,10 @@ def _expert_layout(adapter, source: str) -> str:
 
 
 def _fuse_unit(parts, modules, leaves, rank, r, dtype, target, kind, geometry, source,
-               observed=None):
+               observed=None, attention="standard"):
     """One Megatron adapter (A `[R, in]`, B `[out, R]`) from its HF modules' adapters;
     `observed` (in, out) sizes a target the geometry does not (MLA's)."""
-    in_features = _in_features(target, geometry, kind) or observed[0]
+    in_features = _in_features(target, geometry, kind, attention) or observed[0]
     rows = ([_ffn(kind, geometry)] * 2 if kind == EXPERTS and target == "linear_fc1" else
             [geometry.hidden_size] if kind == EXPERTS else
             [t.shape[0] for t in hf_mapping.split_target(

@@ -21,10 +21,12 @@ from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.peft_import import _in_features, _out_features, group_by_target
 
 
-def _expected_shapes(target: str, projection: str | None, geometry: Geometry, r: int):
+def _expected_shapes(target: str, projection: str | None, geometry: Geometry, r: int,
+                     attention: str = "standard"):
     """(A shape, B shape) of a standard-attention projection, or None where the geometry does
     not say (MLA's linears: the load checks them against the model)."""
-    in_features, out_features = _in_features(target, geometry), _out_features(target, geometry)
+    in_features = _in_features(target, geometry, attention=attention)
+    out_features = _out_features(target, geometry)
     if in_features is None:
         return None
     rows = hf_mapping.split_target(target, torch.empty(out_features, 1), geometry)
@@ -51,7 +53,7 @@ def peft_adapter_per_projection(adapter, geometry: Geometry, source: str,
         for leaf, (A, B) in parts.items():
             projection = _projection(target, leaf)
             module = f"model.layers.{layer}.{_hf_path(target, leaf)}"
-            expected = _expected_shapes(target, projection, geometry, r)
+            expected = _expected_shapes(target, projection, geometry, r, attention)
             for factor, tensor, shape in zip("AB", (A, B), expected or (None, None), strict=True):
                 if shape is not None and tuple(tensor.shape) != shape:
                     raise ValueError(f"{source}: {adapter_tensor_key(module, factor)} has shape "

@@ -49,14 +49,55 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
+# What SGLang's LoRAConfig reads from `config_dict`; each is checked before anything is sent.
+REQUIRED_CONFIG_KEYS = ("r", "lora_alpha", "target_modules")
+
+
+def _module_names(value, what: str) -> list[str]:
+    """A list of module names (a single string would be read letter by letter downstream)."""
+    if isinstance(value, str) or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a list of module names, got {value!r} "
+                         f"({type(value).__name__})")
+    names = list(value)
+    bad = [name for name in names if not isinstance(name, str) or not name]
+    if not names or bad:
+        raise ValueError(f"{what} must be a non-empty list of module names, got {names!r}")
+    return names
+
+
+def check_adapter_config(config, what: str) -> None:
+    """Refuse an adapter config SGLang would misread, naming the key: not a mapping, a required
+    key missing, `r` not a positive int (rsLoRA's `lora_alpha * sqrt(r)` would be 0),
+    `lora_alpha` not a finite positive number, `target_modules` not a list of names,
+    `use_rslora` not a bool."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"{what}: the adapter config must be a mapping (PEFT's adapter_config), "
+                        f"got {type(config).__name__}")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"{what}: the adapter config lacks {', '.join(missing)}")
+    r, alpha = config["r"], config["lora_alpha"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{what}: the adapter config's r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{what}: the adapter config's lora_alpha must be a finite number > 0, "
+                         f"got {alpha!r}")
+    _module_names(config["target_modules"], f"{what}: the adapter config's target_modules")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{what}: the adapter config's use_rslora must be a bool, got "
+                         f"{config['use_rslora']!r}")
+
+
 def normalized_targets(modules: Iterable[str]) -> set[str]:
     """HF leaf names as SGLang's LoRA memory pool names them (q_proj -> qkv_proj, ...)."""
-    return {_FUSED.get(m, m) for m in modules}
+    return {_FUSED.get(m, m) for m in _module_names(modules, "normalized_targets: modules")}
 
 
 def serving_config(peft_config: Mapping[str, Any]) -> dict[str, Any]:
     """The `config_dict` to send for a PEFT `adapter_config`: the same adapter as SGLang
     computes it. rsLoRA is folded into `lora_alpha` (SGLang ignores `use_rslora`)."""
+    check_adapter_config(peft_config, "serving_config")
     config = dict(peft_config)
     config["target_modules"] = list(config["target_modules"])
     if config.get("use_rslora"):
@@ -68,12 +109,31 @@ def serving_config(peft_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def scaling(config: Mapping[str, Any]) -> float:
     """The scaling SGLang applies for a `config_dict` (`lora_alpha / r`)."""
+    check_adapter_config(config, "scaling")
     return config["lora_alpha"] / config["r"]
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """`serialized_tensors` for `{PEFT key: tensor}`: base64 of a plain pickle of contiguous
-    CPU tensors (bytes inline: readable by every TP rank of the engine, on any node)."""
+    CPU tensors (bytes inline: readable by every TP rank of the engine, on any node). Every
+    value must be a floating-point tensor with values, under a string key; the first that is
+    not is named."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"encode_tensors: tensors must be a mapping of PEFT keys to tensors, got "
+                        f"{type(tensors).__name__}")
+    if not tensors:
+        raise ValueError("encode_tensors: no tensors to send")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"encode_tensors: tensor keys must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"encode_tensors: {name} is a {type(tensor).__name__}, not a "
+                            f"torch.Tensor")
+        if tensor.is_meta:
+            raise ValueError(f"encode_tensors: {name} is a meta tensor, which has no values")
+        if not tensor.is_floating_point():
+            raise ValueError(f"encode_tensors: {name} has dtype {tensor.dtype}; adapter matrices "
+                             f"are floating point")
     compact: dict[int, torch.Tensor] = {}  # by id: a tensor sent under several keys goes once
     plain = {name: compact.setdefault(id(t), _own_storage(t)) for name, t in tensors.items()}
     return _encode(plain)
@@ -144,13 +204,23 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 def lora_load_request(config_dict: Mapping[str, Any], serialized_tensors: str,
                  name: str = ADAPTER_NAME) -> dict[str, Any]:
     """The JSON body of `POST /load_lora_adapter_from_tensors`."""
-    return {"lora_name": name, "config_dict": dict(config_dict),
-            "serialized_tensors": serialized_tensors}
+    check_adapter_config(config_dict, "lora_load_request")
+    if not isinstance(serialized_tensors, str) or not serialized_tensors:
+        raise ValueError(f"lora_load_request: serialized_tensors must be the non-empty string "
+                         f"encode_tensors returns, got {type(serialized_tensors).__name__}")
+    return {"lora_name": _adapter_name(name, "lora_load_request"),
+            "config_dict": dict(config_dict), "serialized_tensors": serialized_tensors}
 
 
 def lora_unload_request(name: str = ADAPTER_NAME) -> dict[str, Any]:
     """The JSON body of `POST /unload_lora_adapter`."""
-    return {"lora_name": name}
+    return {"lora_name": _adapter_name(name, "lora_unload_request")}
+
+
+def _adapter_name(name, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: the adapter name must be a non-empty string, got {name!r}")
+    return name
 
 
 def weight_version_request(version) -> dict[str, Any]:
@@ -167,7 +237,18 @@ def server_flag_problems(*, r: int, target_modules: Iterable[str], enable_lora,
     def flag(field):
         return prefix + field.replace("_", "-")
 
-    problems = []
+    # flags of the wrong type (a YAML config's "16"), named rather than compared
+    problems = [f"{flag(field)} must be an int, got {value!r} ({type(value).__name__})"
+                for field, value in (("max_lora_rank", max_lora_rank), ("dp_size", dp_size),
+                                     ("max_loaded_loras", max_loaded_loras))
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int))]
+    if lora_target_modules is not None:
+        try:
+            _module_names(lora_target_modules, flag("lora_target_modules"))
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        return problems
     if not enable_lora:
         problems.append(f"{flag('enable_lora')} is off: SGLang refuses adapter loads without it")
     if max_lora_rank is None or max_lora_rank < r:

@@ -76,8 +76,15 @@ def lora_linear_class(base: type, config: LoRAConfig, projections: tuple[str, ..
     (canonical LoRA, e.g. `("q", "v")` on linear_qkv) one adapter per projection. A LoRA class
     passed again is returned as is."""
     if is_lora_linear(base):
-        if base.lora_config != config or getattr(base, "lora_projections", ()) != projections:
-            raise ValueError(f"{base.__name__} already carries LoRA with another config")
+        carried = tuple(getattr(base, "lora_projections", ()))
+        differences = base.lora_config.differences(config)
+        if tuple(projections) != carried:
+            differences.append(f"adapters per projection: {carried or 'none (one adapter)'} -> "
+                               f"{tuple(projections) or 'none (one adapter)'}")
+        if differences:
+            raise ValueError(f"{base.__name__} already carries LoRA of another config "
+                             f"({'; '.join(differences)}); build the model without LoRA, or "
+                             f"import a PEFT adapter, which rebuilds the adapters")
         return base
     return _lora_linear_class(base, config, tuple(projections))
 

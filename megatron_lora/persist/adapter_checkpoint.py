@@ -54,7 +54,8 @@ def save_lora_checkpoint(model, path: str | Path) -> None:
 
 
 def _problems(checkpoint: AdapterCheckpoint, model, path: str) -> list[str]:
-    """Every way the checkpoint does not fit this rank's part of the model."""
+    """Every way the checkpoint does not fit this rank's part of the model (the caller names
+    the file once, in front of them all)."""
     config, geometry = config_and_geometry(model, lora_modules(model))
     problems = []
     for field in FUNCTIONAL_FIELDS:
@@ -64,7 +65,7 @@ def _problems(checkpoint: AdapterCheckpoint, model, path: str) -> list[str]:
     try:
         checkpoint.geometry.require_equal(geometry, "the model")
     except ValueError as error:
-        problems.append(f"{path}: {error}")
+        problems.append(str(error))
     lacking = []
     for key, (param, module) in lora_tensors(model).items():
         if key not in checkpoint.tensors:
@@ -72,11 +73,11 @@ def _problems(checkpoint: AdapterCheckpoint, model, path: str) -> list[str]:
             continue
         shape = sharding.full_shape(param, module.lora_tp_group)
         if list(checkpoint.tensors[key].shape) != shape:
-            problems.append(f"{path}: tensor {key} has shape "
+            problems.append(f"tensor {key} has shape "
                             f"{list(checkpoint.tensors[key].shape)}, the model needs {shape}")
     if lacking:  # one line for all of them: another expert count lacks hundreds
         more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
-        problems.append(f"{path} lacks tensor {', '.join(lacking[:3])}{more}")
+        problems.append(f"it lacks tensor {', '.join(lacking[:3])}{more}")
     return problems
 
 
@@ -104,7 +105,7 @@ def load_adapter(model, checkpoint: AdapterCheckpoint, source: str) -> None:
     extra = sorted(set(checkpoint.tensors) - expected)
     if extra:
         more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
-        problems.append(f"{source} holds tensor(s) the model has no adapter for: "
+        problems.append(f"it holds tensor(s) the model has no adapter for: "
                         f"{extra[:8]}{more}")
     if problems:
         raise ValueError(f"cannot load adapter from {source}: " + "; ".join(problems))

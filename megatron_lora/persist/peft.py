@@ -15,6 +15,7 @@ import torch
 
 from lora_common import LoRAConfig
 from lora_common.peft_files import read_peft_adapter, write_peft_adapter
+from lora_common.rollback import restored_on_error
 from lora_common.state import require_state
 from megatron_lora.adapt.apply import apply_lora_to_megatron_model, check_model_supports
 from megatron_lora.interop import architectures, hf_experts
@@ -31,6 +32,7 @@ from megatron_lora.interop.peft_import_canonical import peft_adapter_per_project
 from megatron_lora.modules import lora_modules, model_config
 from megatron_lora.persist.adapter_checkpoint import load_adapter
 from megatron_lora.sync.adapter_tensors import adapter_state
+from megatron_lora.sync.gather import raise_on_every_rank
 from megatron_lora.sync.peft_tensors import gather_peft_adapter
 
 
@@ -47,10 +49,10 @@ def export_peft_adapter(source, out_dir: str | Path, *,
     arch = architectures.architecture(architecture)  # an unknown architecture is refused by name
     if isinstance(source, (str, Path)):
         checkpoint = read_lora_checkpoint(source)
-        _warn_architecture(arch, checkpoint.config)
         export_checkpoint(checkpoint, out_dir,
                           base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                           architecture=arch.name, expand_shared=expand_shared)
+        _warn_architecture(arch, checkpoint.config)  # once the export fits the architecture
         return
     # what rank 0 would refuse, refused on every rank (the others wait in a barrier)
     _check_exportable(source, arch)
@@ -106,8 +108,9 @@ def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None =
     """Load a PEFT LoRA adapter (made for the HF twin of this model) into a Megatron model at
     any TP/PP size, exactly, and return the LoRA config it now carries. The model may carry no
     LoRA yet, or LoRA of another rank (it is rebuilt). Call on every rank. Bad input (unknown
-    keys, shapes or layers that do not fit the model) raises `ValueError` naming the key,
-    before the model is touched.
+    keys, shapes or layers that do not fit the model) raises `ValueError` naming the key; a
+    refused import leaves every module, parameter and `requires_grad` as it was (what only a
+    rebuilt adapter can reveal is checked inside `restored_on_error`).
 
     `canonical=True`: each PEFT module's adapter becomes its projection's own adapter, at
     PEFT's rank (`interop/peft_import_canonical.py`): PEFT's model, also once it trains.
@@ -141,10 +144,20 @@ def import_peft_adapter(model, adapter_dir: str | Path, canonical: bool | None =
         use_rslora=bool(adapter.config.get("use_rslora", False)),
         init="gaussian" if adapter.config.get("init_lora_weights") == "gaussian" else "kaiming",
         only_trainable=previous.only_trainable, seed=previous.seed, expert_layout=layout)
-    check_model_supports(model, config)  # before the rebuild below changes anything
-    if any(module.lora_config != config for module in existing):
-        for module in existing:  # another rank or target set: rebuild the adapters
-            module.remove_lora()
-    apply_lora_to_megatron_model(model, config)
-    load_adapter(model, AdapterCheckpoint(tensors, config, geometry), source)
+    check_model_supports(model, config)
+    # All or nothing: what only a built adapter can tell (a target matching no module, an MLA
+    # adapter's shape, a model wrapped in DDP that cannot take new adapters) refuses the import
+    # with the model's LoRA modules and adapters put back as they were.
+    with restored_on_error(model):
+        if not existing or any(module.lora_config != config for module in existing):
+            for module in existing:  # another rank or target set: rebuild the adapters
+                module.remove_lora()
+            refusal = None
+            try:
+                apply_lora_to_megatron_model(model, config)
+            except (ValueError, TypeError) as error:  # say which verb refused
+                refusal = type(error)(f"import_peft_adapter({source}): {error}")
+            # a pipeline stage may refuse alone; every rank refuses before the load's gathers
+            raise_on_every_rank(refusal)
+        load_adapter(model, AdapterCheckpoint(tensors, config, geometry), source)
     return config

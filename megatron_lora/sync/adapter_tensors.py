@@ -31,6 +31,7 @@ from megatron.core import parallel_state
 from lora_common.state import is_lora_parameter
 from megatron_lora.layers import sharding
 from megatron_lora.modules import lora_tensors
+from megatron_lora.sync.gather import raise_on_every_rank
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -43,18 +44,25 @@ def pair_adapter_keys(tensors: Mapping[str, torch.Tensor], model) -> dict[str, s
     """`{adapter name in the unsplit model: key of tensors}` for every adapter of this rank.
     Every adapter must have exactly one key, and every adapter key of `tensors` must belong to
     one of this rank's adapters; every problem is named at once."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"full_adapter_tensors: tensors must be a mapping of names to tensors "
+                        f"(a state dict, named parameters, slime's CPU backup), got "
+                        f"{type(tensors).__name__}")
     names = lora_tensors(model)
     by_suffix: dict[str, list[str]] = {}
-    stray = []
-    for key in tensors:
-        if not is_lora_parameter(key):
+    stray, unfit = [], []
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not is_lora_parameter(key):
             continue
+        problem = _value_problem(value)
+        if problem:
+            unfit.append(f"{key!r} {problem}")
         name = _adapter_name_of(key, names)
         if name is None:
             stray.append(key)
         else:
             by_suffix.setdefault(name, []).append(key)
-    problems = []
+    problems = unfit[:3] + ([f"and {len(unfit) - 3} more"] if len(unfit) > 3 else [])
     missing = [n for n in names if n not in by_suffix]
     if missing:
         problems.append(f"no tensor for {len(missing)} adapter(s) of the model, "
@@ -63,6 +71,11 @@ def pair_adapter_keys(tensors: Mapping[str, torch.Tensor], model) -> dict[str, s
     if twice:
         name, keys = next(iter(twice.items()))
         problems.append(f"{name!r} matches several tensors: {keys}")
+    misshapen = [f"{keys[0]!r} has shape {tuple(tensors[keys[0]].shape)}, this rank's shard "
+                 f"of {name} {tuple(names[name][0].shape)}" for name, keys in by_suffix.items()
+                 if isinstance(tensors[keys[0]], torch.Tensor)
+                 and tuple(tensors[keys[0]].shape) != tuple(names[name][0].shape)]
+    problems += misshapen[:3]
     if stray:
         problems.append(f"{len(stray)} adapter tensor(s) belong to no LoRA module of this rank, "
                         f"e.g. {stray[0]!r} (its layer on another pipeline stage, or local layer "
@@ -70,6 +83,18 @@ def pair_adapter_keys(tensors: Mapping[str, torch.Tensor], model) -> dict[str, s
     if problems:
         raise ValueError("full_adapter_tensors: " + "; ".join(problems))
     return {name: keys[0] for name, keys in by_suffix.items()}
+
+
+def _value_problem(value) -> str | None:
+    """What keeps `value` from being an adapter matrix: it must be a floating-point tensor with
+    values (an integer matrix would be sent and served as is)."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a torch.Tensor"
+    if value.is_meta:
+        return "is a meta tensor, which has no values (materialize the model first)"
+    if not value.is_floating_point():
+        return f"has dtype {value.dtype}; an adapter matrix is floating point"
+    return None
 
 
 def _adapter_name_of(key: str, names: Mapping[str, object]) -> str | None:
@@ -105,7 +130,11 @@ def full_adapter_tensors(tensors: Mapping[str, torch.Tensor], model, *,
     `tensors` holds this rank's shards (live parameters, or a copy; adapters under any prefix).
     Call on every rank: each split matrix is all-gathered over its TP group, in the model's
     module order."""
-    keys = pair_adapter_keys(tensors, model)
+    try:  # what one rank refuses, every rank refuses before the gathers below
+        keys, error = pair_adapter_keys(tensors, model), None
+    except (TypeError, ValueError) as refusal:
+        error = refusal
+    raise_on_every_rank(error)
     out = {}
     for name, (param, module) in lora_tensors(model).items():
         value = tensors[keys[name]]

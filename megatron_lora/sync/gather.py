@@ -1,6 +1,7 @@
 """Python objects across ranks, for the adapter's contributions (one rank per pipeline stage and
-expert-parallel rank holds each tensor): gather to rank 0, or to every rank. Without a process
-group there is one rank, and each call returns its own object."""
+expert-parallel rank holds each tensor): gather to rank 0, or to every rank; and a refusal that
+some ranks see, raised on all of them. Without a process group there is one rank, and each call
+returns its own object."""
 
 from __future__ import annotations
 
@@ -39,3 +40,16 @@ def all_gather_objects(obj) -> list:
     out = [None] * size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def raise_on_every_rank(error: Exception | None) -> None:
+    """Raise `error` here, or, when another rank found one, a `ValueError` naming that rank and
+    its error: a refusal that only some ranks can see (their own tensors, their own pipeline
+    stage) reaches every rank before any of them enters the next collective and waits there
+    for ranks that left. Call on every rank."""
+    messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise ValueError(f"rank {rank} refused: {message}")

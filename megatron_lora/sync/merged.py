@@ -125,6 +125,13 @@ def _adapter_pairs(tensors: Mapping[str, torch.Tensor], r: int) -> dict[str, tup
                 problems.append(f"{present} has no {', '.join(missing)}")
                 continue
             A, B, W = tensors[a_name], tensors[b_name], tensors[base]
+            unfit = [n for n, t in ((a_name, A), (b_name, B))
+                     if not isinstance(t, torch.Tensor) or not t.is_floating_point()]
+            if unfit:  # an integer (or numpy) matrix would be merged as if it were an adapter
+                problems.append(f"{unfit[0]} is a {type(tensors[unfit[0]]).__name__} of dtype "
+                                f"{getattr(tensors[unfit[0]], 'dtype', None)}; adapter matrices "
+                                f"are floating-point tensors")
+                continue
             if B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(W.shape):
                 problems.append(f"{base} {tuple(W.shape)} cannot take {b_name.rsplit('.', 2)[-2]}"
                                 f" {tuple(B.shape)} @ {a_name.rsplit('.', 2)[-2]} {tuple(A.shape)}")

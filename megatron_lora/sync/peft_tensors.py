@@ -31,7 +31,7 @@ from megatron_lora.interop.adapter_file import AdapterCheckpoint
 from megatron_lora.interop.peft_export import peft_config, peft_modules
 from megatron_lora.modules import config_and_geometry, lora_modules
 from megatron_lora.sync.adapter_tensors import full_adapter_tensors
-from megatron_lora.sync.gather import gather_to_rank0
+from megatron_lora.sync.gather import gather_to_rank0, raise_on_every_rank
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,11 @@ def _peft_modules(tensors, model, architecture: str, expand_shared: bool):
     """`peft_modules` of this rank's contribution; the experts' shared factors (which every
     expert-parallel rank needs for its experts) are contributed by expert-parallel rank 0."""
     checkpoint = _partial_checkpoint(tensors, model)
-    adapters, shared = peft_modules(checkpoint, architecture, expand_shared)
+    try:  # refused on every rank, before the gathers of gather_peft_adapter
+        (adapters, shared), error = peft_modules(checkpoint, architecture, expand_shared), None
+    except ValueError as refusal:
+        error = refusal
+    raise_on_every_rank(error)
     if parallel_state.model_parallel_is_initialized() and \
             parallel_state.get_expert_model_parallel_rank() != 0:
         shared = {}

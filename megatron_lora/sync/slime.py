@@ -30,6 +30,7 @@ import torch
 
 from lora_common import MEGATRON_TARGET_MODULES, LoRAConfig
 from lora_common.state import is_lora_parameter
+from lora_common.targets import PROJECTION_TARGETS
 from megatron_lora.interop import hf_mapping, sglang
 from megatron_lora.sync.serving_form import serving_problems
 
@@ -65,8 +66,9 @@ def check_lora_sync_args(args) -> None:
         problems.append("--use-lora is off (there is no adapter to sync)")
     config = LoRAConfig.from_args(args)
     targets = config.target_modules or MEGATRON_TARGET_MODULES
-    # a dotted entry (experts.linear_fc1) has the names of its last module
-    known = hf_mapping.TARGETS + hf_mapping.MLA_TARGETS
+    # a dotted entry (experts.linear_fc1) has the names of its last module; canonical
+    # projections (linear_q, ...) are HF modules of their own (q_proj, ...)
+    known = (*hf_mapping.TARGETS, *hf_mapping.MLA_TARGETS, *PROJECTION_TARGETS)
     modules = [t.rsplit(".", 1)[-1] for t in targets]
     unmapped = [t for t, module in zip(targets, modules, strict=True) if module not in known]
     if unmapped:

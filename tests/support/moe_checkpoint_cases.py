@@ -78,6 +78,7 @@ def interchange_cases(out_dir: str):
     save_dist_checkpoint(sequential, f"{out_dir}/dist")
     out["dist_expert_count"] = refused(eight, lambda: load_dist_checkpoint(
         eight, f"{out_dir}/dist"))
+    out["dist_layout"] = refused(shared, lambda: load_dist_checkpoint(shared, f"{out_dir}/dist"))
     return out
 
 
