@@ -38,8 +38,7 @@ from megatron_lora.interop.geometry import Geometry
 
 
 def _ffn(kind: str, geometry: Geometry) -> int:
-    return geometry.ffn_size({EXPERTS: "experts", SHARED_EXPERTS: "shared_experts"}.get(kind,
-                                                                                       "dense"))
+    return geometry.ffn_size(_mlp_kind(kind))
 
 
 def _in_features(target: str, geometry: Geometry, kind: str = DENSE,
@@ -55,7 +54,8 @@ def _out_features(target: str, geometry: Geometry, kind: str = DENSE) -> int | N
 
 
 def _mlp_kind(kind: str) -> str:
-    return "experts" if kind == EXPERTS else "dense"
+    """The geometry's name for the MLP an adapter unit of `kind` sits in (attention's: dense)."""
+    return {EXPERTS: "experts", SHARED_EXPERTS: "shared_experts"}.get(kind, "dense")
 
 
 def group_by_target(adapter, geometry: Geometry, source: str, attention: str = "standard"

@@ -31,6 +31,7 @@ MEGATRON_MODEL_ARGS = [
     "--rotary-base", str(int(ROPE_THETA)), "--vocab-size", str(VOCAB),
     "--untie-embeddings-and-output-weights",
 ]
+LORA_ARGS: list[str] = []  # slime's default targets (the slime actor layouts' protocol)
 
 
 def hf_config():
