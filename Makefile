@@ -1,7 +1,7 @@
 # Each target bootstraps its own in-repo virtualenv (fast when already current).
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-quick demo test test-compat test-engines venv venv-compat venv-engines
+.PHONY: bench bench-quick demo demo-rl test test-compat test-engines venv venv-compat venv-engines
 
 venv:
 	@scripts/venv.sh .venv 3.11 constraints/py311.txt
@@ -17,6 +17,11 @@ venv-engines:
 ## make demo: LoRA fine-tune of a small GPT on CPU, TP=2 + sequence parallel (about 2 minutes)
 demo: venv
 	.venv/bin/megatron-lora demo $(DEMO_ARGS)
+
+## make demo-rl: LoRA RL (GRPO) on CPU, TP=2 + SP, against a live SGLang server it starts and
+## stops (builds .venv-sglang on first use; about 5 minutes once built)
+demo-rl: venv
+	.venv/bin/megatron-lora demo-rl $(DEMO_ARGS)
 
 ## make test: ruff check ., then the whole suite on Python 3.11, torch 2.13.0, megatron-core 0.16.1
 test: venv

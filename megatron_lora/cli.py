@@ -1,6 +1,7 @@
 """The `megatron-lora` command.
 
     megatron-lora demo [--steps N] [--tp N] [--out DIR]           a LoRA fine-tune on CPU
+    megatron-lora demo-rl [--steps N] [--lora-sync MODE] [--out DIR]   LoRA RL, live SGLang
     megatron-lora export-peft CHECKPOINT OUT [--base-model NAME]   adapter checkpoint -> PEFT
     megatron-lora inspect PATH                                     adapter checkpoint or PEFT dir
 """
@@ -31,7 +32,13 @@ def _export_peft(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from megatron_lora.demo import main
+    from megatron_lora.demos.supervised import main
+
+    return main(args)
+
+
+def _demo_rl(args: argparse.Namespace) -> int:
+    from megatron_lora.demos.rl import main
 
     return main(args)
 
@@ -99,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-lora", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from megatron_lora.demo import add_demo_arguments
+    from megatron_lora.demos.supervised import add_demo_arguments
 
     demo = commands.add_parser("demo", help="train a small GPT with LoRA on CPU (TP=2 + SP)")
     add_demo_arguments(demo)
     demo.set_defaults(run=_demo)
+
+    from megatron_lora.demos.rl import add_demo_rl_arguments
+
+    demo_rl = commands.add_parser("demo-rl", help="LoRA RL (GRPO) on CPU against a live SGLang "
+                                                  "server (TP=2 + SP)")
+    add_demo_rl_arguments(demo_rl)
+    demo_rl.set_defaults(run=_demo_rl)
 
     export = commands.add_parser("export-peft", help="convert an adapter checkpoint to PEFT")
     export.add_argument("checkpoint",
@@ -133,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # a user's mistake: one line, no traceback
         print(f"megatron-lora {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: each verb has already stopped what it started
+        print(f"megatron-lora {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from lora_common import HF_TARGET_MODULES, MEGATRON_TARGET_MODULES
 from megatron_cpu.launch import initialize_model_parallel, run_on_ranks
-from megatron_lora.interop import architectures, hf_mapping
+from megatron_lora.interop import architectures, hf_mapping, hf_params
 from megatron_lora.interop.geometry import Geometry
 from megatron_lora.interop.hf_mapping import fuse_fc1, fuse_qkv, split_fc1, split_qkv
 from megatron_lora.layers.sharding import shard
@@ -145,16 +145,16 @@ def test_te_spec_fused_norm_names_map_like_the_local_spec_norms():
     pairs = [("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
              ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")]
     for te_name, local_name in pairs:
-        te = hf_llama.hf_param(f"module.decoder.layers.1.{te_name}")
-        assert te == hf_llama.hf_param(f"decoder.layers.1.{local_name}")
-    assert hf_llama.hf_param("decoder.layers.1.mlp.linear_fc1.layer_norm_weight").hf_names == (
+        te = hf_params.hf_param(f"module.decoder.layers.1.{te_name}")
+        assert te == hf_params.hf_param(f"decoder.layers.1.{local_name}")
+    assert hf_params.hf_param("decoder.layers.1.mlp.linear_fc1.layer_norm_weight").hf_names == (
         "model.layers.1.post_attention_layernorm.weight",)
-    qkv_bias = hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv.bias")
+    qkv_bias = hf_params.hf_param("decoder.layers.0.self_attention.linear_qkv.bias")
     assert qkv_bias.target == "linear_qkv"
     assert qkv_bias.hf_names[2] == "model.layers.0.self_attn.v_proj.bias"
     with pytest.raises(ValueError, match="no HF Llama-family counterpart for Megatron parameter "
                                          "'decoder.layers.0.self_attention.linear_qkv._extra_state'"):
-        hf_llama.hf_param("decoder.layers.0.self_attention.linear_qkv._extra_state")
+        hf_params.hf_param("decoder.layers.0.self_attention.linear_qkv._extra_state")
 
 
 def test_geometry_round_trips_and_rejects_bad_headers():

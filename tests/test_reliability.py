@@ -542,6 +542,19 @@ def test_demo_flags_are_refused_in_one_line_before_any_rank_starts(tmp_path, fla
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--samples", "1"], r"--samples must be at least 2 \(GRPO compares"),
+    (["--task-b-fraction", "0"], r"--task-b-fraction must be in \(0, 1\)"),
+    (["--kl-coef", "-1"], r"--kl-coef must be a finite positive number, got -1"),
+    (["--completion", "7"], r"--completion 7 \+ the 4 prompt tokens must split into --tp 2"),
+    (["--lora-r", "0"], r"--lora-r"),
+])
+def test_demo_rl_flags_are_refused_in_one_line_before_anything_starts(tmp_path, flags, match):
+    out = tmp_path / "demo-rl"  # no base trained, no server started, no folder made
+    assert_one_line_error(cli("demo-rl", "--out", str(out), *flags), match)
+    assert not out.exists()
+
+
 # --- 5. helpers check their input --------------------------------------------------------------
 
 

@@ -43,7 +43,8 @@ def task_batch(task: str, vocab: int, batch: int, seq: int, step: int, seed: int
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _config(args, tp: int):
+def model_config(args, tp: int):
+    """The demos' GPT (a Llama): RMSNorm, SwiGLU, no biases, GQA with two heads per group."""
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -112,7 +113,7 @@ def run_demo(args):
     say = print if rank0 else (lambda *a, **k: None)
     out = Path(args.out).resolve()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = _config(args, tp)
+    config = model_config(args, tp)
     started = time.time()
 
     # 1. The base: full training on task A, saved as a Megatron dist checkpoint.
@@ -325,7 +326,7 @@ def _check_lora_spec(args: argparse.Namespace, lora: LoRAConfig) -> None:
         spec_args = argparse.Namespace(**vars(args))
         spec_args.transformer_impl = "local"
         try:
-            get_gpt_lora_spec(spec_args, _config(args, args.tp), None)
+            get_gpt_lora_spec(spec_args, model_config(args, args.tp), None)
         except ValueError as error:
             if str(error).startswith("--"):  # names its flag already
                 raise

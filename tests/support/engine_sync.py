@@ -86,9 +86,9 @@ class _Sync:
 
     def _push_state(self, version, merged: bool) -> None:
         from megatron_lora.interop import sglang
-        from support.merged_hf import merged_hf_state
+        from megatron_lora.sync.hf_state import hf_state_dict
 
-        state = merged_hf_state(self.model, merged=merged)
+        state = hf_state_dict(self.model, merged=merged)
         if not _rank0():
             return
         self.sent_bytes = sum(t.numel() * t.element_size() for t in state.values())

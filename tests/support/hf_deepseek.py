@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from megatron_lora.interop import hf_mapping
+from megatron_lora.interop import hf_mapping, hf_params
 from support import hf_llama, tiny_mla
 
 CONFIG = dict(
@@ -85,8 +85,8 @@ _LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.weight$")
 
 def hf_sources(name: str) -> tuple[tuple[str, ...], str | None]:
     """(HF tensor names, the target that fuses them or None) of a Megatron base parameter."""
-    if name in hf_llama.GLOBAL_PARAMS:
-        return (hf_llama.GLOBAL_PARAMS[name],), None
+    if name in hf_params.GLOBAL_PARAMS:
+        return (hf_params.GLOBAL_PARAMS[name],), None
     match = _LAYER_PARAM.match(name)
     layer, rest = int(match.group(1)), match.group(2) + ".weight"
     if rest in _NORMS:

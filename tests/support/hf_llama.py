@@ -5,7 +5,7 @@
     compare_logits(hf, gpt, tokens())                 # asserts, returns the max abs difference
 
 Module names and fused layouts come from `megatron_lora.interop.hf_mapping` (the production
-mapping; `hf_param` below adds the base-only names: embeddings and norms), shards from
+mapping; `interop/hf_params.py` adds the base-only names: embeddings and norms), shards from
 `megatron_lora.layers.sharding` driven by each parameter's own Megatron attributes
 (`partition_dim`, `partition_stride`), so this utility tests those as much as it uses them.
 
@@ -18,13 +18,11 @@ head_dim ** -0.5), biases (none but Qwen2's q/k/v), tied embeddings.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
 from megatron_lora.interop import architectures, hf_mapping
 from megatron_lora.interop.geometry import Geometry
+from megatron_lora.interop.hf_params import hf_param
 from megatron_lora.layers.sharding import shard
 
 VOCAB = 128
@@ -242,52 +240,3 @@ def compare_logits(hf_model, model, input_ids: torch.Tensor,
     `assert_logits_close`); return the largest difference relative to the largest logit."""
     return assert_logits_close(gpt_logits(model, input_ids), hf_logits(hf_model, input_ids),
                                tolerance)
-
-
-# --- HF source of each Megatron base parameter ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamMapping:
-    """Where a Megatron parameter's full value comes from in an HF state dict: one HF tensor
-    copied, or several fused by `hf_mapping.fuse_target(target, ...)`."""
-
-    hf_names: tuple[str, ...]
-    target: str | None = None  # the LoRA target whose layout fuses `hf_names`; None: a copy
-
-
-_LAYER_NORMS = {
-    # local spec (separate norm modules) and TE spec (norm fused into the next linear)
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-}
-# Model-wide parameters: the same names in every HF decoder family here (hf_deepseek uses them).
-GLOBAL_PARAMS = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
-_LAYER_PARAM = re.compile(r"^(?:module\.)*decoder\.layers\.(\d+)\.(.+)$")
-
-
-def hf_param(megatron_name: str) -> ParamMapping:
-    """The HF source of a Megatron GPT base parameter (local or TE spec names; not LoRA's)."""
-    name = re.sub(r"^(?:module\.)*", "", megatron_name)
-    if name in GLOBAL_PARAMS:
-        return ParamMapping((GLOBAL_PARAMS[name],))
-    match = _LAYER_PARAM.match(name)
-    if match:
-        layer, rest = int(match.group(1)), match.group(2)
-        if rest in _LAYER_NORMS:
-            return ParamMapping((f"model.layers.{layer}.{_LAYER_NORMS[rest]}",))
-        module, _, kind = name.rpartition(".")
-        for target in hf_mapping.TARGETS:
-            if (module == hf_mapping.megatron_module_name(layer, target)
-                    and kind in ("weight", "bias")):
-                names = tuple(f"{n}.{kind}" for n in hf_mapping.hf_module_names(layer, target))
-                return ParamMapping(names, target if len(names) > 1 else None)
-    raise ValueError(f"no HF Llama-family counterpart for Megatron parameter {megatron_name!r}")

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from megatron_lora.interop import hf_params
 from support import hf_llama
 
 EXPERTS = 4
@@ -134,7 +135,7 @@ def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
             if router is not None:
                 param.copy_(hf_state[f"model.layers.{router.group(1)}.mlp.gate.weight"])
                 continue
-            mapping = hf_llama.hf_param(name)
+            mapping = hf_params.hf_param(name)
             parts = [hf_state[n] for n in mapping.hf_names]
             full = (hf_mapping.fuse_target(mapping.target, parts, geometry) if mapping.target
                     else parts[0])
