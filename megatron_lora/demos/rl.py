@@ -1,7 +1,7 @@
 """`megatron-lora demo-rl`: LoRA RL on a live SGLang server, on a laptop, and the reward rises.
 
 1. The base: a small GPT trained in full with Megatron (2 gloo ranks, TP=2 + SP) on a mix of
-   task A and, less often, task B (`rl_task.py`), saved as a dist checkpoint and as the HF folder
+   task A and, less often, task B (`tasks.py`), saved as a dist checkpoint and as the HF folder
    the engine serves; reused by the next run with the same base flags.
 2. An SGLang 0.5.15.post1 server on 127.0.0.1 (its own virtualenv, built on first use), started
    from that folder and stopped by its pid on every exit path, Ctrl-C included.

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_lora.demos import rl_engine, rl_loss, rl_task
+from megatron_lora.demos import rl_engine, rl_loss, tasks
 from megatron_lora.demos.supervised import model_config
 
 # Positions of the per-token losses (`labels` = the next token) that predict completion tokens.
-COMPLETION_START = rl_task.PROMPT_TOKENS - 1
+COMPLETION_START = tasks.PROMPT_TOKENS - 1
 # The held-out prompts of the before/after evaluation: a stream apart from every step's.
 EVAL_STREAM = 1_000_000
 
@@ -40,7 +40,7 @@ def _gpt(spec, config, args):
 
 def max_positions(args) -> int:
     """The model's (and the engine's) context: a rollout, with room (SGLang's context length)."""
-    return max(64, 2 * (rl_task.PROMPT_TOKENS + args.completion))
+    return max(64, 2 * (tasks.PROMPT_TOKENS + args.completion))
 
 
 def completion_logps(model, sequences: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def train_base(args, folder: str) -> list[float]:
 
     def loss(ddp, step):
         generator = torch.Generator().manual_seed(args.seed * 100_003 + step)
-        sequences = rl_task.base_batch(args.batch, args.completion, args.vocab,
+        sequences = tasks.base_batch(args.batch, args.completion, args.vocab,
                                        args.task_b_fraction, generator)
         return -completion_logps(ddp, sequences, args.completion).mean()
 
@@ -96,9 +96,9 @@ def _rollouts(url: str, prompts: torch.Tensor, args, lora_path: str | None):
 def _evaluate(url, args, sync) -> float:
     """The mean reward of the engine's samples for held-out prompts, with what it serves now."""
     generator = torch.Generator().manual_seed(EVAL_STREAM + args.seed)
-    prompts = rl_task.prompts(args.eval_prompts, args.vocab, generator)
+    prompts = tasks.prompts(args.eval_prompts, args.vocab, generator)
     sequences, _ = _rollouts(url, prompts, args, sync.lora_path)
-    return rl_task.rewards(sequences, args.vocab).mean().item()
+    return tasks.rewards(sequences, args.vocab).mean().item()
 
 
 def run_rl(args, url: str, base_folder: str, out: str) -> dict | None:
@@ -123,11 +123,11 @@ def run_rl(args, url: str, base_folder: str, out: str) -> dict | None:
 
     def loss(ddp, step):
         generator = torch.Generator().manual_seed(args.seed * 100_003 + step)
-        prompts = rl_task.prompts(args.prompts, args.vocab, generator)
+        prompts = tasks.prompts(args.prompts, args.vocab, generator)
         started = time.perf_counter()
         sequences, engine_logp = _rollouts(url, prompts, args, sync.lora_path)
         rollout_seconds = time.perf_counter() - started
-        rewards = rl_task.rewards(sequences, args.vocab)
+        rewards = tasks.rewards(sequences, args.vocab)
         logp = completion_logps(ddp, sequences, args.completion)
         with torch.no_grad(), megatron_lora.disable_lora(model):
             ref_logp = completion_logps(model, sequences, args.completion)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lora_common import LoRAConfig, add_lora_arguments
+from megatron_lora.demos.tasks import next_token
 
 
 def task_batch(task: str, vocab: int, batch: int, seq: int, step: int, seed: int = 0):
@@ -38,8 +39,7 @@ def task_batch(task: str, vocab: int, batch: int, seq: int, step: int, seed: int
     tokens = torch.empty(batch, seq + 1, dtype=torch.long)
     tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=generator)
     for i in range(seq):
-        previous = tokens[:, i]
-        tokens[:, i + 1] = (previous + 1) % vocab if task == "A" else (3 * previous + 1) % vocab
+        tokens[:, i + 1] = next_token(task, tokens[:, i], vocab)
     return tokens[:, :-1], tokens[:, 1:]
 
 

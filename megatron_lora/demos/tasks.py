@@ -1,11 +1,12 @@
-"""The RL demo's task and its verifiable reward, on token ids (no tokenizer).
+"""The demos' tasks, on token ids (no tokenizer): task A follows each token t by `(t + 1) mod V`,
+task B by `(3t + 1) mod V`. The supervised demo's base learns A and its LoRA learns B; the RL
+demo rewards B, with the prompts, base data and reward below.
 
-A prompt is `PROMPT_TOKENS` random tokens; a completion continues from its last token. Task A
-follows each token t by `(t + 1) mod V`, task B by `(3t + 1) mod V` (the supervised demo's two
-tasks). The base is trained on a mix, mostly A: from a random prompt it samples B's rule now and
-then, so the first rollouts earn some reward, and RL has something to amplify (RL sharpens what
-a policy can already sample; it does not teach a rule from nothing). The reward of a completion
-is the fraction of its tokens that follow B's rule from the token before.
+A prompt is `PROMPT_TOKENS` random tokens; a completion continues from its last token. The RL
+base is trained on a mix, mostly A: from a random prompt it samples B's rule now and then, so the
+first rollouts earn some reward, and RL has something to amplify (RL sharpens what a policy can
+already sample; it does not teach a rule from nothing). The reward of a completion is the
+fraction of its tokens that follow B's rule from the token before.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ PROMPT_TOKENS = 4
 
 
 def next_token(task: str, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The token that follows each of `tokens` in `task` ("A" or "B")."""
     return (tokens + 1) % vocab if task == "A" else (3 * tokens + 1) % vocab
 
 
