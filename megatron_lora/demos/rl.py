@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from lora_common import LoRAConfig, add_lora_arguments
+from megatron_lora.demos.tasks import PROMPT_TOKENS
 
 # The flags that make the base: a run with other values trains its own.
 BASE_FLAGS = ("hidden", "layers", "heads", "vocab", "completion", "batch", "base_steps",
@@ -98,9 +99,10 @@ def check_demo_rl_arguments(args: argparse.Namespace) -> None:
     if args.heads % args.tp or args.vocab % args.tp or max(1, args.heads // 2) % args.tp:
         raise ValueError(f"--heads {args.heads}, their {max(1, args.heads // 2)} query groups "
                          f"and --vocab {args.vocab} must split into --tp {args.tp} ranks")
-    if args.tp > 1 and (4 + args.completion) % args.tp:
-        raise ValueError(f"--completion {args.completion} + the 4 prompt tokens must split into "
-                         f"--tp {args.tp} ranks (sequence parallelism splits the sequence)")
+    if args.tp > 1 and (PROMPT_TOKENS + args.completion) % args.tp:
+        raise ValueError(f"--completion {args.completion} + the {PROMPT_TOKENS} prompt tokens "
+                         f"must split into --tp {args.tp} ranks (sequence parallelism splits the "
+                         f"sequence)")
     lora = LoRAConfig.from_args(args)  # its errors name the flag
     if args.lora_sync == "adapter":  # what the server is started with must serve the adapter
         from engine_servers.sglang import LORA_TARGETS
