@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -143,14 +144,38 @@ def _megatron_training_on_cpu() -> None:
 
 
 def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
+    """`count` distinct ports free on 127.0.0.1, below the kernel's ephemeral range. Each is bound
+    minutes after it is picked (one per actor a layout builds), and a port of that range may
+    meanwhile be handed to an outgoing connection (a gloo or TCPStore client): a bind then failed
+    with EADDRINUSE. Drawn by the system's RNG: the global one is seeded alike on every run."""
+    low = _ephemeral_ports()[0]
+    draw = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(1000):
+        port = draw.randrange(10000, low)
+        if port not in ports and _bindable(port):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports in [10000, {low}) on 127.0.0.1")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def hand_over_process_group(count: int) -> list[int]:
