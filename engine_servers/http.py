@@ -1,4 +1,6 @@
-"""JSON over HTTP to a server on this machine, with the server's own reason on an error."""
+"""JSON over HTTP to an engine server, with the server's own reason on an error (the standard
+library's client: no `requests`, no torch). The servers started here use it, and so do the
+library's engine clients that reach a server by its URL (`megatron_lora/sync/engines/`)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import urllib.request
 
 
 def post(url: str, endpoint: str, body: dict | None = None, timeout: float = 300.0) -> dict:
-    """POST `body` as JSON to `url/endpoint`; the JSON answer ({} if empty)."""
-    request = urllib.request.Request(f"{url}/{endpoint}", data=json.dumps(body or {}).encode(),
+    """POST `body` as JSON to `url/endpoint`; the JSON answer ({} if empty, `{"text": ...}` if
+    not JSON). An HTTP error raises `RuntimeError` with the server's own reason."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/{endpoint}",
+                                     data=json.dumps(body or {}).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

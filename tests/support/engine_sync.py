@@ -37,7 +37,7 @@ def _rank0() -> bool:
 
 
 def _post(url, endpoint, body):
-    from megatron_lora.sync.engines._http import post
+    from engine_servers.http import post
 
     answer = post(url, endpoint, body, timeout=600)
     if isinstance(answer, dict) and answer.get("success") is False:

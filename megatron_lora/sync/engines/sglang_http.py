@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine_servers.http import post
 from megatron_lora.interop import sglang
 from megatron_lora.sync.engines import hf_targets
-from megatron_lora.sync.engines._http import post
 from megatron_lora.sync.peft_tensors import PeftTensors
 
 

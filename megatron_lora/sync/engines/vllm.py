@@ -17,10 +17,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine_servers.http import post
 from lora_common.peft_files import write_peft_adapter
 from megatron_lora.interop import vllm
 from megatron_lora.sync.engines import hf_targets
-from megatron_lora.sync.engines._http import post
 from megatron_lora.sync.peft_tensors import PeftTensors
 
 
