@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from support.slime import tiny_qwen2
+
 VOCAB = 128
 HIDDEN = 128
 FFN = 256
@@ -22,15 +24,9 @@ MAX_POSITIONS = 128
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 
-MEGATRON_MODEL_ARGS = [
-    "--swiglu", "--num-layers", str(LAYERS), "--hidden-size", str(HIDDEN),
-    "--ffn-hidden-size", str(FFN), "--num-attention-heads", str(HEADS),
-    "--group-query-attention", "--num-query-groups", str(KV_HEADS),
-    "--use-rotary-position-embeddings", "--disable-bias-linear", "--add-qkv-bias",
-    "--normalization", "RMSNorm", "--norm-epsilon", str(NORM_EPS),
-    "--rotary-base", str(int(ROPE_THETA)), "--vocab-size", str(VOCAB),
-    "--untie-embeddings-and-output-weights",
-]
+MEGATRON_MODEL_ARGS = tiny_qwen2.megatron_model_args(
+    layers=LAYERS, hidden=HIDDEN, ffn=FFN, heads=HEADS, kv_heads=KV_HEADS, norm_eps=NORM_EPS,
+    rope_theta=ROPE_THETA, vocab=VOCAB)
 LORA_ARGS: list[str] = []  # slime's default targets (the slime actor layouts' protocol)
 
 

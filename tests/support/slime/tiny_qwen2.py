@@ -24,15 +24,26 @@ MAX_POSITIONS = 64
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-6
 
-MEGATRON_MODEL_ARGS = [
-    "--swiglu", "--num-layers", str(LAYERS), "--hidden-size", str(HIDDEN),
-    "--ffn-hidden-size", str(FFN), "--num-attention-heads", str(HEADS),
-    "--group-query-attention", "--num-query-groups", str(KV_HEADS),
-    "--use-rotary-position-embeddings", "--disable-bias-linear", "--add-qkv-bias",
-    "--normalization", "RMSNorm", "--norm-epsilon", str(NORM_EPS),
-    "--rotary-base", str(int(ROPE_THETA)), "--vocab-size", str(VOCAB),
-    "--untie-embeddings-and-output-weights",
-]
+
+
+def megatron_model_args(*, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int,
+                        norm_eps: float, rope_theta: float, vocab: int) -> list[str]:
+    """slime's (Megatron's) model flags for a Qwen2 of these sizes: SwiGLU, GQA, RoPE, RMSNorm,
+    q/k/v biases only, an untied head."""
+    return [
+        "--swiglu", "--num-layers", str(layers), "--hidden-size", str(hidden),
+        "--ffn-hidden-size", str(ffn), "--num-attention-heads", str(heads),
+        "--group-query-attention", "--num-query-groups", str(kv_heads),
+        "--use-rotary-position-embeddings", "--disable-bias-linear", "--add-qkv-bias",
+        "--normalization", "RMSNorm", "--norm-epsilon", str(norm_eps),
+        "--rotary-base", str(int(rope_theta)), "--vocab-size", str(vocab),
+        "--untie-embeddings-and-output-weights",
+    ]
+
+
+MEGATRON_MODEL_ARGS = megatron_model_args(
+    layers=LAYERS, hidden=HIDDEN, ffn=FFN, heads=HEADS, kv_heads=KV_HEADS, norm_eps=NORM_EPS,
+    rope_theta=ROPE_THETA, vocab=VOCAB)
 LORA_ARGS: list[str] = []  # the default targets: linear_qkv linear_proj linear_fc1 linear_fc2
 
 
